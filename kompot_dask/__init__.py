@@ -1,0 +1,12 @@
+"""kompot_dask: Kompot's differential abundance and expression as an out-of-core Dask engine.
+
+Importing the package has no side effects: no cluster is started and no global JAX or
+logging setting is changed (GP algebra runs under a thread-local float64 switch).
+"""
+
+from .estimators import DensityEstimator, DensityPredictor
+from .options import get_options, set_options
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["DensityEstimator", "DensityPredictor", "get_options", "set_options", "__version__"]

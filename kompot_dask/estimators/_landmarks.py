@@ -1,0 +1,98 @@
+"""Which GP a model uses and where its landmarks come from (SPEC §1.6-1.7)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..kernels import landmarks as km
+from ._inputs import row_slices
+
+__all__ = ["resolve_gp_type", "compute_landmarks", "kmeans_landmarks"]
+
+MAX_AUTO_LANDMARKS = 5000
+_SUPPORTED = ("full", "fixed", "sparse_cholesky")
+_NYSTROEM = ("full_nystroem", "sparse_nystroem")
+
+
+def resolve_gp_type(
+    n: int, n_landmarks: int | None, landmarks: np.ndarray | None, gp_type: str | None
+) -> tuple[str, int]:
+    """Resolve ``(gp_type, n_landmarks)`` in the reference's order (SPEC §1.7)."""
+    if gp_type is not None and gp_type not in _SUPPORTED:
+        if gp_type in _NYSTROEM:
+            msg = f"gp_type={gp_type!r} (Nystroem rank reduction) is not implemented; use 'fixed' or 'full'"
+            raise NotImplementedError(msg)
+        raise ValueError(f"unknown gp_type {gp_type!r}; choose one of {_SUPPORTED} or None")
+    if landmarks is not None:
+        m = len(landmarks)
+    elif n_landmarks is not None:
+        m = int(n_landmarks)
+        if m < 0:
+            raise ValueError(f"`n_landmarks` must be >= 0; got {n_landmarks}")
+    elif gp_type in (None, "fixed"):
+        m = min(n, MAX_AUTO_LANDMARKS)
+    elif gp_type == "full":
+        m = n
+    else:
+        m = MAX_AUTO_LANDMARKS
+    if gp_type is None:
+        gp_type = "full" if m >= n else "sparse_cholesky"
+    return gp_type, m
+
+
+def compute_landmarks(
+    x: np.ndarray, gp_type: str, n_landmarks: int, random_state: Any
+) -> np.ndarray | None:
+    """Landmarks for a landmark-mode GP, or ``None`` for a full GP (SPEC §1.6)."""
+    if gp_type == "full" or n_landmarks == 0:
+        return None
+    if n_landmarks == 1:
+        raise ValueError("`n_landmarks` must be 0 (no landmarks) or at least 2; got 1")
+    if n_landmarks >= len(x):
+        if gp_type == "fixed":
+            return np.array(x, dtype=np.float64, copy=True)
+        return None
+    return kmeans_landmarks(x, n_landmarks, random_state)
+
+
+def kmeans_landmarks(
+    x: np.ndarray,
+    k: int,
+    random_state: Any = None,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    seed_sample: int | None = None,
+) -> np.ndarray:
+    """k-means centroids: k-means++ seeding (on a sample of cells) and chunked Lloyd steps.
+
+    Parameters
+    ----------
+    x : ndarray (n, D)
+        Cell states.
+    k : int
+        Number of landmarks, ``2 <= k < n``.
+    random_state : int, numpy Generator or None
+        Seed. ``None`` is non-deterministic, as in the reference.
+    max_iter, tol : int, float
+        Lloyd stops after ``max_iter`` steps or when the squared centre shift is at most
+        ``tol`` times the mean per-feature variance.
+    seed_sample : int, optional
+        Cells used for seeding (default ``max(20 k, 10000)``, capped at n).
+    """
+    rng = np.random.default_rng(random_state)
+    n = len(x)
+    size = min(n, seed_sample or max(20 * k, 10_000))
+    sample = x if size == n else x[np.sort(rng.choice(n, size=size, replace=False))]
+    centers = km.kmeans_plusplus(sample, k, rng)
+    threshold = km.lloyd_tolerance(x, tol)
+    slices = row_slices(n, k)
+    for _ in range(max_iter):
+        stats = km.lloyd_chunk_stats(x[slices[0]], centers)
+        for sl in slices[1:]:
+            stats = stats + km.lloyd_chunk_stats(x[sl], centers)
+        centers, shift = km.lloyd_update(centers, stats)
+        if shift <= threshold:
+            break
+    return centers

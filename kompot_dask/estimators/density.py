@@ -1,0 +1,325 @@
+"""Log cell density over the cell-state map (SPEC §2): a GP with a nearest-neighbour likelihood."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import scipy.optimize
+
+from .._jax import with_x64
+from ..kernels import density as dk
+from ..kernels import density_params as dp
+from ..kernels import linalg as la
+from ..kernels import neighbors as nb
+from ._basis import FullBasis, LandmarkBasis, sum_over_chunks
+from ._inputs import as_cell_states, check_landmarks, check_positive, row_slices
+from ._landmarks import compute_landmarks, resolve_gp_type
+
+__all__ = ["DensityEstimator", "DensityPredictor", "DensityState"]
+
+MAX_DIMENSION = 50
+
+
+class DensityState(NamedTuple):
+    """Everything a worker needs to predict a fitted density at any cells."""
+
+    inducing: np.ndarray  # (m, D) landmarks, or the training cells of a full GP
+    lp: np.ndarray  # (m, m) chol(K_ZZ + jitter I)
+    weights: np.ndarray  # (m,) Lp^-T z
+    s: np.ndarray | None  # (m,) Laplace std of z, None without uncertainty
+    mu: float
+    ls: float
+    n_obs: int
+
+
+def nn_distances(x: np.ndarray, tree=None, float32: bool = False) -> np.ndarray:
+    """Distance of every cell of ``x`` to its nearest other cell (exact search, by chunks)."""
+    tree = nb.build_tree(x) if tree is None else tree
+    return np.concatenate([nb.nn_distances_chunk(tree, x[sl], float32) for sl in row_slices(len(x), 1)])
+
+
+class DensityPredictor:
+    """Callable log-density predictor with GP uncertainties (SPEC §2.8).
+
+    ``predictor(x, normalize=False)`` gives the log density; ``normalize=True`` subtracts
+    ``ln n_obs``. Query cells are processed in chunks, so any number can be predicted.
+    """
+
+    def __init__(self, state: DensityState):
+        self.state = state
+
+    @property
+    def n_obs(self) -> int:
+        """Number of training cells."""
+        return self.state.n_obs
+
+    def _query(self, x: Any) -> np.ndarray:
+        x = as_cell_states(x, "x", min_cells=1)
+        if x.shape[1] != self.state.inducing.shape[1]:
+            msg = f"`x` has {x.shape[1]} features but the model was fitted on {self.state.inducing.shape[1]}"
+            raise ValueError(msg)
+        return x
+
+    def _chunked(self, x: np.ndarray, fn) -> np.ndarray:
+        slices = row_slices(len(x), len(self.state.inducing))
+        return np.concatenate([np.asarray(fn(x[sl])) for sl in slices])
+
+    @with_x64
+    def __call__(self, x: Any, normalize: bool = False) -> np.ndarray:
+        st = self.state
+        out = self._chunked(
+            self._query(x), lambda xc: dk.predict_log_density(xc, st.inducing, st.weights, st.mu, st.ls)
+        )
+        return out - np.log(st.n_obs) if normalize else out
+
+    def _variances(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        st = self.state
+        s = np.zeros(len(st.inducing)) if st.s is None else st.s
+        slices = row_slices(len(x), len(st.inducing))
+        parts = [dk.predict_variances(x[sl], st.inducing, st.lp, s, st.ls) for sl in slices]
+        return (
+            np.concatenate([np.asarray(p[0]) for p in parts]),
+            np.concatenate([np.asarray(p[1]) for p in parts]),
+        )
+
+    @with_x64
+    def covariance(self, x: Any, diag: bool = True) -> np.ndarray:
+        """Conditional GP covariance ``k(x, x) - B^T B`` (diagonal or full)."""
+        x, st = self._query(x), self.state
+        if diag:
+            return self._variances(x)[0]
+        return np.asarray(dk.predict_covariance(x, st.inducing, st.lp, st.ls))
+
+    @with_x64
+    def mean_covariance(self, x: Any, diag: bool = True) -> np.ndarray:
+        """Covariance propagated from the Laplace uncertainty of the latent ``z``."""
+        x, st = self._query(x), self._require_uncertainty()
+        if diag:
+            return self._variances(x)[1]
+        return np.asarray(dk.predict_mean_covariance(x, st.inducing, st.lp, st.s, st.ls))
+
+    @with_x64
+    def uncertainty(self, x: Any, diag: bool = True) -> np.ndarray:
+        """``covariance + mean_covariance``: a variance, not a standard deviation."""
+        x, st = self._query(x), self._require_uncertainty()
+        if diag:
+            cov, mean_cov = self._variances(x)
+            return cov + mean_cov
+        return np.asarray(dk.predict_covariance(x, st.inducing, st.lp, st.ls)) + np.asarray(
+            dk.predict_mean_covariance(x, st.inducing, st.lp, st.s, st.ls)
+        )
+
+    def _require_uncertainty(self) -> DensityState:
+        if self.state.s is None:
+            msg = "this predictor has no uncertainty; fit with `predictor_with_uncertainty=True`"
+            raise ValueError(msg)
+        return self.state
+
+
+class _Objective:
+    """Negative log posterior of ``z`` and its gradient, summed over cell chunks (§2.4)."""
+
+    def __init__(self, basis, slices, mu: float, v: np.ndarray, vd: np.ndarray):
+        self.basis, self.slices, self.mu, self.v, self.vd = basis, slices, mu, v, vd
+
+    @with_x64
+    def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        w = self.basis.to_weights(z)
+
+        def part(sl):
+            return dk.chunk_loglik_grad(self.basis.block(sl), w, self.mu, self.v[sl], self.vd[sl])
+
+        loglik, grad_w = sum_over_chunks(part, self.slices)
+        grad = np.asarray(z) - np.asarray(self.basis.to_latent(grad_w))
+        return dk.loss_value(np.asarray(z), loglik), grad
+
+
+class DensityEstimator:
+    """Gaussian-process estimate of log cell density (Mellon's method, SPEC §2).
+
+    Parameters
+    ----------
+    n_landmarks : int, optional
+        Number of k-means landmarks; ``None`` resolves as in SPEC §1.7 (full GP up to
+        5000 cells, else 5000 landmarks).
+    landmarks : array (M, D), optional
+        Inducing points to use instead of computing them.
+    gp_type : {None, "full", "fixed", "sparse_cholesky"}
+        GP type; ``None`` resolves automatically. ``"fixed"`` keeps landmark mode even
+        when there are at least as many landmarks as cells.
+    d_method : {"embedding", "fractal"}
+        Intrinsic dimension: the number of features, or the fractal estimate (§1.4).
+    d, mu, ls : float, optional
+        Fix the intrinsic dimension, prior mean or length scale instead of estimating them.
+    ls_factor : float
+        Multiplier of the estimated length scale (Kompot passes 10).
+    nn_distances : array (n,), optional
+        Precomputed nearest-neighbour distances of the training cells.
+    jitter : float
+        Added to the diagonal of ``K_ZZ``.
+    optimizer : {"L-BFGS-B"}
+        MAP optimiser (scipy, the reference's options).
+    maxiter : int
+        L-BFGS-B iteration limit (jaxopt's default 500, as in the reference).
+    predictor_with_uncertainty : bool
+        Compute Laplace standard deviations so the predictor has uncertainties.
+    random_state : int, optional
+        Seed of the k-means landmarks.
+    nn_float32 : bool
+        Reproduce the reference's float32 nearest-neighbour arithmetic (SPEC §10.15):
+        NN distances from float32 coordinates, and ``ln r``, ``mu``, ``ls`` and the
+        likelihood terms in float32. Default True, so numbers agree with Kompot's;
+        False computes them in float64.
+
+    Attributes
+    ----------
+    nn_distances, d, mu, ls, landmarks, gp_type, initial_value, pre_transformation,
+    pre_transformation_std, optimizer_result, n_obs, predict
+        Set by :meth:`fit`. ``landmarks`` is None for a full GP; ``pre_transformation``
+        is the MAP latent ``z`` and ``pre_transformation_std`` its Laplace std ``s``.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_landmarks: int | None = None,
+        landmarks: Any = None,
+        gp_type: str | None = None,
+        d_method: str = "embedding",
+        d: float | None = None,
+        mu: float | None = None,
+        ls: float | None = None,
+        ls_factor: float = 1.0,
+        nn_distances: Any = None,
+        jitter: float = 1e-6,
+        optimizer: str = "L-BFGS-B",
+        maxiter: int = 500,
+        predictor_with_uncertainty: bool = False,
+        random_state: int | None = 42,
+        nn_float32: bool = True,
+    ):
+        if d_method not in ("embedding", "fractal", "manual"):
+            msg = f"unknown d_method {d_method!r}; use 'embedding', 'fractal', or pass `d`"
+            raise ValueError(msg)
+        if optimizer != "L-BFGS-B":
+            raise NotImplementedError(f"optimizer={optimizer!r}: only 'L-BFGS-B' (the reference's) is available")
+        if d is not None:
+            d = check_positive(d, "d")
+            _check_dimension(d)
+        self.n_landmarks = n_landmarks
+        self.d_method = "manual" if d is not None else d_method
+        self.ls_factor = check_positive(ls_factor, "ls_factor")
+        # What the caller fixed; fit() fills the public attributes from these each time.
+        self._given = {
+            "landmarks": None if landmarks is None else np.asarray(landmarks, dtype=np.float64),
+            "gp_type": gp_type,
+            "d": d,
+            "mu": None if mu is None else float(mu),
+            "ls": None if ls is None else check_positive(ls, "ls"),
+            "nn_distances": None if nn_distances is None else np.asarray(nn_distances, dtype=np.float64),
+        }
+        for key, value in self._given.items():
+            setattr(self, key, value)
+        self.jitter = check_positive(jitter, "jitter")
+        self.optimizer = optimizer
+        self.maxiter = int(maxiter)
+        self.predictor_with_uncertainty = bool(predictor_with_uncertainty)
+        self.random_state = random_state
+        self.nn_float32 = bool(nn_float32)
+        self.predict: DensityPredictor | None = None
+
+    @with_x64
+    def fit(self, x: Any) -> "DensityEstimator":
+        """Fit the density to training cells ``x`` (n, D); returns self."""
+        x = as_cell_states(x, "x")
+        n, dim = x.shape
+        given = self._given
+        self.landmarks = None if given["landmarks"] is None else check_landmarks(given["landmarks"], dim)
+        nn = given["nn_distances"]
+        if nn is not None and nn.shape != (n,):
+            msg = f"`nn_distances` must have shape ({n},) like the cells; got {nn.shape}"
+            raise ValueError(msg)
+        tree = nb.build_tree(x)
+        f32 = self.nn_float32
+        self.nn_distances = dp.validate_nn_distances(nn_distances(x, tree, f32) if nn is None else nn)
+        self.d = self._dimension(x, tree)
+        if given["mu"] is None:
+            self.mu = dp.prior_mean(self.nn_distances, self.d, f32)
+        if given["ls"] is None:
+            self.ls = dp.length_scale(self.nn_distances, self.ls_factor, f32)
+        self.gp_type, m = resolve_gp_type(n, self.n_landmarks, self.landmarks, given["gp_type"])
+        if self.landmarks is None:
+            self.landmarks = compute_landmarks(x, self.gp_type, m, self.random_state)
+        if self.gp_type != "full" and self.landmarks is None:
+            msg = f"gp_type={self.gp_type!r} needs landmarks, but n_landmarks={m} gives none; use gp_type='full'"
+            raise ValueError(msg)
+        self.n_obs = n
+        self._fit_latent(x)
+        return self
+
+    def fit_predict(self, x: Any) -> np.ndarray:
+        """Fit to ``x`` and return the (unnormalised) log density at ``x``."""
+        return self.fit(x).predict(x)
+
+    def _dimension(self, x: np.ndarray, tree) -> float:
+        if self._given["d"] is not None:
+            return self._given["d"]
+        if self.d_method == "fractal":
+            d, _, _ = nb.fractal_dimension(tree, x)
+        else:
+            d = float(x.shape[1])
+        _check_dimension(d)
+        return d
+
+    def _fit_latent(self, x: np.ndarray) -> None:
+        full = self.gp_type == "full"
+        inducing = x if full else self.landmarks
+        lp = la.checked(la.prior_cholesky(inducing, self.ls, self.jitter), "K_ZZ + jitter*I")
+        basis = FullBasis(lp) if full else LandmarkBasis(x, inducing, lp, self.ls)
+        slices = row_slices(len(x), len(inducing))
+        v, vd = dp.likelihood_terms(self.nn_distances, self.d, self.nn_float32)
+        target = dp.nn_log_density_mle(self.nn_distances, self.d, self.nn_float32) - self.mu
+        gram, rhs = sum_over_chunks(lambda sl: dk.chunk_gram_rhs(basis.block(sl), target[sl]), slices)
+        self.initial_value = np.asarray(dk.ridge_solve(basis.sandwich(gram), basis.to_latent(rhs)))
+        self._objective = _Objective(basis, slices, self.mu, v, vd)
+        result = scipy.optimize.minimize(
+            self._objective,
+            self.initial_value,
+            jac=True,
+            method="L-BFGS-B",
+            tol=None,
+            options={"maxiter": self.maxiter},
+        )
+        self.optimizer_result = result
+        z = np.asarray(result.x, dtype=np.float64)
+        w = basis.to_weights(z)
+        s = None
+        if self.predictor_with_uncertainty:
+            s = np.asarray(dk.laplace_std(basis.hessian_data_diag(slices, w, self.mu, v)))
+        self.pre_transformation, self.pre_transformation_std = z, s
+        self.predict = DensityPredictor(
+            DensityState(
+                inducing=np.asarray(inducing),
+                lp=np.asarray(lp),
+                weights=np.asarray(la.solve_upper_t(lp, z)),  # Lp^-T z in both modes
+                s=s,
+                mu=float(self.mu),
+                ls=float(self.ls),
+                n_obs=len(x),
+            )
+        )
+
+    @with_x64
+    def loss_and_gradient(self, z: Any) -> tuple[float, np.ndarray]:
+        """The optimised objective and its gradient at latent ``z`` (after :meth:`fit`)."""
+        return self._objective(np.asarray(z, dtype=np.float64))
+
+
+def _check_dimension(d: float) -> None:
+    if d > MAX_DIMENSION:
+        msg = (
+            f"intrinsic dimension d={d:.3g} exceeds {MAX_DIMENSION}; the density likelihood is "
+            "unusable there. Use a low-dimensional cell-state embedding (e.g. diffusion components)"
+        )
+        raise ValueError(msg)

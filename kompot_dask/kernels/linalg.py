@@ -1,0 +1,49 @@
+"""Small dense linear-algebra helpers shared by the GP kernels (JAX, float64)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+from .covariance import matern52
+
+__all__ = ["prior_cholesky", "solve_lower", "solve_upper_t", "sandwich_inverse", "checked"]
+
+
+@jax.jit
+def prior_cholesky(z: jax.Array, ls: float, jitter: float) -> jax.Array:
+    """``chol(K_ZZ + jitter I)`` of the Matérn-5/2 kernel on the inducing set ``z``."""
+    k = matern52(z, z, ls)
+    return jnp.linalg.cholesky(k + jitter * jnp.eye(k.shape[0], dtype=k.dtype))
+
+
+@jax.jit
+def solve_lower(lower: jax.Array, b: jax.Array) -> jax.Array:
+    """``L^-1 b`` for lower-triangular ``L``."""
+    return solve_triangular(lower, b, lower=True)
+
+
+@jax.jit
+def solve_upper_t(lower: jax.Array, b: jax.Array) -> jax.Array:
+    """``L^-T b`` for lower-triangular ``L``."""
+    return solve_triangular(lower.T, b, lower=False)
+
+
+@jax.jit
+def sandwich_inverse(lower: jax.Array, a: jax.Array) -> jax.Array:
+    """``L^-1 A L^-T`` for lower-triangular ``L`` and symmetric ``A``."""
+    left = solve_triangular(lower, a, lower=True)
+    return solve_triangular(lower, left.T, lower=True)
+
+
+def checked(factor: jax.Array, what: str) -> jax.Array:
+    """Raise a clear error when a Cholesky factor came back with NaNs (not positive definite)."""
+    if not bool(jnp.all(jnp.isfinite(factor))):
+        msg = (
+            f"the Cholesky factorisation of {what} failed (matrix not positive definite); "
+            "increase `jitter`, or check for duplicated landmarks and a length scale that is "
+            "not tiny compared with the distances between cells"
+        )
+        raise ValueError(msg)
+    return factor

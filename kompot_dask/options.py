@@ -1,0 +1,87 @@
+"""Execution options: how work is cut into pieces, never what is computed.
+
+Math parameters are keyword arguments of the estimators and classes. The knobs here
+only change chunk sizes and reporting; results do not depend on them (up to
+floating-point summation order).
+
+>>> import kompot_dask
+>>> with kompot_dask.set_options(cell_chunk_size=4096):
+...     pass
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["set_options", "get_options", "cell_chunk_rows"]
+
+
+def _positive_int_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+_VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "cell_chunk_size": (_positive_int_or_none, "None or a positive int (cells per chunk)"),
+    "chunk_memory_bytes": (_positive_int, "a positive int (bytes for one cells x landmarks block)"),
+    "gene_batch_size": (_positive_int_or_none, "None or a positive int (genes per batch)"),
+    "progress": (lambda v: isinstance(v, bool), "a bool"),
+}
+
+_OPTIONS: dict[str, Any] = {
+    "cell_chunk_size": None,
+    "chunk_memory_bytes": 128 * 2**20,
+    "gene_batch_size": None,
+    "progress": False,
+}
+
+
+def get_options() -> dict[str, Any]:
+    """Return a copy of the current execution options."""
+    return dict(_OPTIONS)
+
+
+class set_options:
+    """Set execution options globally or, as a context manager, temporarily.
+
+    Parameters
+    ----------
+    cell_chunk_size : int or None
+        Cells per chunk for in-memory inputs. ``None`` (default) derives it from
+        ``chunk_memory_bytes`` and the number of landmarks. Inputs that carry their own
+        chunks (dask arrays, zarr arrays) keep them.
+    chunk_memory_bytes : int
+        Target size of one ``cells x landmarks`` float64 block (default 128 MiB).
+    gene_batch_size : int or None
+        Genes per batch in predictions (``None``: all genes at once).
+    progress : bool
+        Show progress bars.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        for key, value in kwargs.items():
+            if key not in _VALIDATORS:
+                msg = f"unknown option {key!r}; valid options are {sorted(_VALIDATORS)}"
+                raise ValueError(msg)
+            check, expected = _VALIDATORS[key]
+            if not check(value):
+                msg = f"option {key!r} must be {expected}, got {value!r}"
+                raise ValueError(msg)
+        self._previous = {key: _OPTIONS[key] for key in kwargs}
+        _OPTIONS.update(kwargs)
+
+    def __enter__(self) -> "set_options":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _OPTIONS.update(self._previous)
+
+
+def cell_chunk_rows(n_columns: int) -> int:
+    """Cells per chunk for a block with ``n_columns`` float64 columns (landmarks)."""
+    if _OPTIONS["cell_chunk_size"] is not None:
+        return int(_OPTIONS["cell_chunk_size"])
+    return max(256, int(_OPTIONS["chunk_memory_bytes"] // (8 * max(n_columns, 1))))
