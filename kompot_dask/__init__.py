@@ -4,9 +4,19 @@ Importing the package has no side effects: no cluster is started and no global J
 logging setting is changed (GP algebra runs under a thread-local float64 switch).
 """
 
-from .estimators import DensityEstimator, DensityPredictor
+from .estimators import DensityEstimator, DensityPredictor, FunctionEstimator, FunctionPredictor
+from .fdr import compute_fdr
 from .options import get_options, set_options
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["DensityEstimator", "DensityPredictor", "get_options", "set_options", "__version__"]
+__all__ = [
+    "DensityEstimator",
+    "DensityPredictor",
+    "FunctionEstimator",
+    "FunctionPredictor",
+    "compute_fdr",
+    "get_options",
+    "set_options",
+    "__version__",
+]

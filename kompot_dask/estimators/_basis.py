@@ -32,13 +32,16 @@ def sum_over_chunks(fn: Callable[[slice], tuple], slices: Sequence[slice]) -> tu
 class LandmarkBasis:
     """``Phi_c = K(X_c, U)``, ``T = Lp^-T`` (fixed / sparse_cholesky types)."""
 
-    landmark_mode = True
-
     def __init__(self, x: np.ndarray, inducing: np.ndarray, lp: jax.Array, ls: float):
         self.x, self.inducing, self.lp, self.ls = x, inducing, lp, ls
 
     def block(self, sl: slice) -> jax.Array:
+        """``Phi_c``: the kernel block, enough for products with ``w = T z``."""
         return cov.matern52(self.x[sl], self.inducing, self.ls)
+
+    def factor_block(self, sl: slice) -> jax.Array:
+        """``L_c = Phi_c T``, by a triangular solve."""
+        return dk.landmark_factor_block(self.x[sl], self.inducing, self.lp, self.ls)
 
     def to_weights(self, z):
         return la.solve_upper_t(self.lp, z)
@@ -46,22 +49,9 @@ class LandmarkBasis:
     def to_latent(self, g):
         return la.solve_lower(self.lp, g)
 
-    def sandwich(self, gram):
-        return la.sandwich_inverse(self.lp, gram)
-
-    def hessian_data_diag(self, slices: Sequence[slice], w, mu: float, v: np.ndarray):
-        def part(sl):
-            phi = self.block(sl)
-            return (dk.chunk_weighted_gram(phi, dk.chunk_intensity(phi, w, mu, v[sl])),)
-
-        (gram,) = sum_over_chunks(part, slices)
-        return np.diag(np.asarray(self.sandwich(gram)))
-
 
 class FullBasis:
-    """``Phi_c = Lp[c]``, ``T = I`` (full GP on all training cells)."""
-
-    landmark_mode = False
+    """``Phi_c = L_c = Lp[c]``, ``T = I`` (full GP on all training cells)."""
 
     def __init__(self, lp: jax.Array):
         self.lp = lp
@@ -69,19 +59,10 @@ class FullBasis:
     def block(self, sl: slice) -> jax.Array:
         return self.lp[sl]
 
+    factor_block = block
+
     def to_weights(self, z):
         return z
 
     def to_latent(self, g):
         return g
-
-    def sandwich(self, gram):
-        return gram
-
-    def hessian_data_diag(self, slices: Sequence[slice], w, mu: float, v: np.ndarray):
-        def part(sl):
-            phi = self.block(sl)
-            return (dk.chunk_weighted_sq_colsum(phi, dk.chunk_intensity(phi, w, mu, v[sl])),)
-
-        (diag,) = sum_over_chunks(part, slices)
-        return np.asarray(diag)

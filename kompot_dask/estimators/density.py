@@ -280,8 +280,8 @@ class DensityEstimator:
         slices = row_slices(len(x), len(inducing))
         v, vd = dp.likelihood_terms(self.nn_distances, self.d, self.nn_float32)
         target = dp.nn_log_density_mle(self.nn_distances, self.d, self.nn_float32) - self.mu
-        gram, rhs = sum_over_chunks(lambda sl: dk.chunk_gram_rhs(basis.block(sl), target[sl]), slices)
-        self.initial_value = np.asarray(dk.ridge_solve(basis.sandwich(gram), basis.to_latent(rhs)))
+        gram, rhs = sum_over_chunks(lambda sl: dk.chunk_gram_rhs(basis.factor_block(sl), target[sl]), slices)
+        self.initial_value = np.asarray(dk.ridge_solve(gram, rhs))
         self._objective = _Objective(basis, slices, self.mu, v, vd)
         result = scipy.optimize.minimize(
             self._objective,
@@ -293,10 +293,9 @@ class DensityEstimator:
         )
         self.optimizer_result = result
         z = np.asarray(result.x, dtype=np.float64)
-        w = basis.to_weights(z)
         s = None
         if self.predictor_with_uncertainty:
-            s = np.asarray(dk.laplace_std(basis.hessian_data_diag(slices, w, self.mu, v)))
+            s = np.asarray(dk.laplace_std(self._hessian_data_diag(basis, slices, z, v)))
         self.pre_transformation, self.pre_transformation_std = z, s
         self.predict = DensityPredictor(
             DensityState(
@@ -309,6 +308,15 @@ class DensityEstimator:
                 n_obs=len(x),
             )
         )
+
+    def _hessian_data_diag(self, basis, slices, z: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``diag(L^T diag(exp(f + V)) L)``, summed over chunks of factor rows (§2.7)."""
+
+        def part(sl):
+            lc = basis.factor_block(sl)
+            return (dk.chunk_weighted_sq_colsum(lc, dk.chunk_intensity(lc, z, self.mu, v[sl])),)
+
+        return np.asarray(sum_over_chunks(part, slices)[0])
 
     @with_x64
     def loss_and_gradient(self, z: Any) -> tuple[float, np.ndarray]:

@@ -6,10 +6,11 @@ landmark mode ``Phi = K_XU`` (a cells x landmarks block, computed per chunk) and
 is a per-chunk term of ``Phi`` summed over chunks:
 
 * loss and gradient: ``sum_i (f_i + Vd_i - e_i)`` and ``Phi^T (1 - e)``;
-* ridge initial value: ``Phi^T Phi`` and ``Phi^T t``;
-* Laplace Hessian diagonal: ``Phi^T diag(e) Phi`` (landmarks) or ``(Phi**2)^T e`` (full);
+* ridge initial value: ``L_c^T L_c`` and ``L_c^T t``;
+* Laplace Hessian diagonal: ``(L_c**2)^T e``;
 
-with ``e = exp(f + V)``. Combining the sums is landmark-sized algebra.
+with ``e = exp(f + V)`` and the factor block ``L_c = Phi_c T`` formed per chunk by a
+triangular solve (never for all cells at once). Combining the sums is landmark-sized.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = [
     "chunk_loglik_grad",
     "chunk_intensity",
     "chunk_gram_rhs",
-    "chunk_weighted_gram",
+    "landmark_factor_block",
     "chunk_weighted_sq_colsum",
     "ridge_solve",
     "laplace_std",
@@ -61,9 +62,9 @@ def chunk_gram_rhs(phi, t):
 
 
 @jax.jit
-def chunk_weighted_gram(phi, weights):
-    """``Phi^T diag(weights) Phi`` of one chunk."""
-    return phi.T @ (weights[:, None] * phi)
+def landmark_factor_block(xc, inducing, lp, ls):
+    """Rows of ``L = K_XU Lp^-T`` for one chunk of cells (c x M)."""
+    return solve_triangular(lp, matern52(inducing, xc, ls), lower=True).T
 
 
 @jax.jit

@@ -13,11 +13,10 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from .covariance import matern52, matern52_diag
-from .linalg import sandwich_inverse
 
 __all__ = [
-    "chunk_kernel_gram",
-    "chunk_kernel_cross",
+    "chunk_projected_stats",
+    "chunk_projected_cross",
     "landmark_noise_factor",
     "landmark_weights",
     "full_factor",
@@ -35,29 +34,33 @@ __all__ = [
 
 
 @jax.jit
-def chunk_kernel_gram(xc, inducing, ls):
-    """``K_Uc K_cU`` of one chunk of cells (M x M)."""
-    k = matern52(xc, inducing, ls)
-    return k.T @ k
+def chunk_projected_stats(xc, inducing, lp, ls, rc):
+    """``(A_c A_c^T, A_c R_c)`` of one chunk, with ``A_c = Lp^-1 K_Uc`` (M x c).
+
+    Summed over chunks these are ``A A^T`` and ``A R`` of SPEC §3.3. Projecting each
+    chunk by a triangular solve first (rather than forming ``K_UX K_XU`` and solving on
+    both sides) keeps the conditioning of ``Lp`` from being squared.
+    """
+    a = solve_triangular(lp, matern52(inducing, xc, ls), lower=True)
+    return a @ a.T, a @ rc
 
 
 @jax.jit
-def chunk_kernel_cross(xc, inducing, ls, rc):
-    """``K_Uc R_c`` of one chunk of cells and a block of right-hand sides (M x G)."""
-    return matern52(inducing, xc, ls) @ rc
+def chunk_projected_cross(xc, inducing, lp, ls, rc):
+    """``A_c R_c`` of one chunk (a second pass with new right-hand sides)."""
+    return solve_triangular(lp, matern52(inducing, xc, ls), lower=True) @ rc
 
 
 @jax.jit
-def landmark_noise_factor(lp, gram, sigma2):
-    """``LB = chol(I + A A^T / sigma^2)`` with ``A A^T = Lp^-1 K_UX K_XU Lp^-T``."""
-    aat = sandwich_inverse(lp, gram)
+def landmark_noise_factor(aat, sigma2):
+    """``LB = chol(I + A A^T / sigma^2)``."""
     return jnp.linalg.cholesky(jnp.eye(aat.shape[0], dtype=aat.dtype) + aat / sigma2)
 
 
 @jax.jit
-def landmark_weights(lp, lb, cross, sigma2):
-    """``w = Lp^-T LB^-T LB^-1 Lp^-1 K_UX R / sigma^2`` (M x G)."""
-    c = solve_triangular(lb, solve_triangular(lp, cross, lower=True) / sigma2, lower=True)
+def landmark_weights(lp, lb, a_r, sigma2):
+    """``w = Lp^-T LB^-T LB^-1 (A R) / sigma^2`` (M x G)."""
+    c = solve_triangular(lb, a_r / sigma2, lower=True)
     return solve_triangular(lp.T, solve_triangular(lb.T, c, lower=False), lower=False)
 
 
@@ -111,9 +114,12 @@ def full_cov_full(xq, x, lf, ls):
 
 
 @jax.jit
-def leverage_factor(lp, gram, sigma2, jitter):
-    """``chol(sigma^2 Lp Lp^T + K_UX K_XU + jitter I)`` for landmark-mode leverage (§3.5)."""
-    m = sigma2 * (lp @ lp.T) + gram
+def leverage_factor(lp, aat, sigma2, jitter):
+    """``chol(sigma^2 Lp Lp^T + K_UX K_XU + jitter I)`` for landmark-mode leverage (§3.5).
+
+    ``K_UX K_XU = Lp (A A^T) Lp^T``.
+    """
+    m = sigma2 * (lp @ lp.T) + lp @ aat @ lp.T
     return jnp.linalg.cholesky(m + jitter * jnp.eye(m.shape[0], dtype=m.dtype))
 
 

@@ -8,7 +8,7 @@ from jax.scipy.linalg import solve_triangular
 
 from .covariance import matern52
 
-__all__ = ["prior_cholesky", "solve_lower", "solve_upper_t", "sandwich_inverse", "checked"]
+__all__ = ["prior_cholesky", "solve_lower", "solve_upper_t", "checked"]
 
 
 @jax.jit
@@ -28,13 +28,6 @@ def solve_lower(lower: jax.Array, b: jax.Array) -> jax.Array:
 def solve_upper_t(lower: jax.Array, b: jax.Array) -> jax.Array:
     """``L^-T b`` for lower-triangular ``L``."""
     return solve_triangular(lower.T, b, lower=False)
-
-
-@jax.jit
-def sandwich_inverse(lower: jax.Array, a: jax.Array) -> jax.Array:
-    """``L^-1 A L^-T`` for lower-triangular ``L`` and symmetric ``A``."""
-    left = solve_triangular(lower, a, lower=True)
-    return solve_triangular(lower, left.T, lower=True)
 
 
 def checked(factor: jax.Array, what: str) -> jax.Array:

@@ -1,0 +1,257 @@
+"""GP regression of many genes over the cell-state map (SPEC §3): Mellon's FunctionEstimator."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._jax import with_x64
+from ..kernels import density_params as dp
+from ..kernels import function as fk
+from ..kernels import linalg as la
+from ._basis import sum_over_chunks
+from ._inputs import as_cell_states, as_expression, check_landmarks, check_positive, read_rows, row_slices
+from ._landmarks import compute_landmarks, resolve_gp_type
+from .density import nn_distances
+
+__all__ = ["FunctionEstimator", "FunctionPredictor", "FunctionState"]
+
+
+class FunctionState(NamedTuple):
+    """Everything a worker needs to predict a fitted regression at any cells."""
+
+    inducing: np.ndarray  # (m, D) landmarks, or the training cells of a full GP
+    weights: np.ndarray  # (m, G)
+    lp: np.ndarray  # landmark mode: chol(K_UU + jI); full mode: chol(K_XX + sigma^2 I)
+    lb: np.ndarray | None  # landmark mode: chol(I + A A^T / sigma^2); None for a full GP
+    mu: float
+    ls: float
+    n_obs: int
+    one_d: bool  # the training targets were a vector
+    leverage_factor: np.ndarray | None = None  # landmark mode, obs_variance only
+    train_leverage: np.ndarray | None = None  # full mode, obs_variance only
+    obs_weights: np.ndarray | None = None  # (m, G) weights of the observation-variance GP
+
+
+class FunctionPredictor:
+    """Callable posterior mean with covariance, leverage and observation variance.
+
+    ``predictor(x)`` gives the posterior mean, ``(n, G)`` (``(n,)`` for a vector target).
+    Query cells are processed in chunks; ``genes`` selects a batch of columns.
+    """
+
+    def __init__(self, state: FunctionState):
+        self.state = state
+
+    @property
+    def n_obs(self) -> int:
+        """Number of training cells."""
+        return self.state.n_obs
+
+    @property
+    def landmarks(self) -> np.ndarray | None:
+        """Inducing points in landmark mode, None for a full GP."""
+        return None if self.state.lb is None else self.state.inducing
+
+    def _query(self, x: Any) -> np.ndarray:
+        x = as_cell_states(x, "x", min_cells=1)
+        if x.shape[1] != self.state.inducing.shape[1]:
+            msg = f"`x` has {x.shape[1]} features but the model was fitted on {self.state.inducing.shape[1]}"
+            raise ValueError(msg)
+        return x
+
+    def _by_chunks(self, x: np.ndarray, fn) -> np.ndarray:
+        return np.concatenate([np.asarray(fn(x[sl])) for sl in row_slices(len(x), len(self.state.inducing))])
+
+    def _shaped(self, out: np.ndarray) -> np.ndarray:
+        return out[:, 0] if self.state.one_d else out
+
+    @with_x64
+    def __call__(self, x: Any, genes: Any = None) -> np.ndarray:
+        st = self.state
+        w = st.weights if genes is None else st.weights[:, genes]
+        return self._shaped(self._by_chunks(self._query(x), lambda xc: fk.predict_mean(xc, st.inducing, w, st.mu, st.ls)))
+
+    @with_x64
+    def covariance(self, x: Any, diag: bool = True) -> np.ndarray:
+        """Latent posterior covariance (no observation noise), the same for every gene."""
+        x, st = self._query(x), self.state
+        if st.lb is None:
+            if diag:
+                return self._by_chunks(x, lambda xc: fk.full_cov_diag(xc, st.inducing, st.lp, st.ls))
+            return np.asarray(fk.full_cov_full(x, st.inducing, st.lp, st.ls))
+        if diag:
+            return self._by_chunks(x, lambda xc: fk.landmark_cov_diag(xc, st.inducing, st.lp, st.lb, st.ls))
+        return np.asarray(fk.landmark_cov_full(x, st.inducing, st.lp, st.lb, st.ls))
+
+    @with_x64
+    def leverage(self, x: Any) -> np.ndarray:
+        """Hat-matrix diagonal (SPEC §3.5); full GPs define it at their training cells only."""
+        x, st = self._query(x), self.state
+        if st.lb is not None:
+            if st.leverage_factor is None:
+                raise ValueError("leverage needs a model fitted with `obs_variance=True`")
+            return self._by_chunks(x, lambda xc: fk.landmark_leverage(xc, st.inducing, st.leverage_factor, st.ls))
+        if st.train_leverage is None:
+            raise ValueError("leverage needs a model fitted with `obs_variance=True`")
+        if x.shape != st.inducing.shape or not np.array_equal(x, st.inducing):
+            msg = "a full GP defines leverage at its training cells only; pass them, or fit with landmarks"
+            raise ValueError(msg)
+        return st.train_leverage
+
+    @with_x64
+    def obs_variance(self, x: Any, genes: Any = None) -> np.ndarray:
+        """Observation-variance surface: the GP fitted to HC3 squared residuals (§3.5)."""
+        st = self.state
+        if st.obs_weights is None:
+            raise ValueError("obs_variance needs a model fitted with `obs_variance=True`")
+        w = st.obs_weights if genes is None else st.obs_weights[:, genes]
+        return self._shaped(self._by_chunks(self._query(x), lambda xc: fk.predict_mean(xc, st.inducing, w, 0.0, st.ls)))
+
+
+class FunctionEstimator:
+    """Gaussian-process regression of one or many outputs (Mellon's method, SPEC §3).
+
+    Parameters
+    ----------
+    n_landmarks, landmarks, gp_type
+        As for :class:`~kompot_dask.DensityEstimator` (SPEC §1.7).
+    ls : float, optional
+        Length scale; estimated as ``ls_factor * exp(mean ln nn + 3)`` when None.
+    ls_factor : float
+        Multiplier of the estimated length scale.
+    nn_distances : array (n,), optional
+        Precomputed nearest-neighbour distances (only used to estimate ``ls``).
+    mu : float
+        Constant prior mean.
+    sigma : float
+        Observation noise standard deviation; ``max(sigma^2, jitter)`` is the noise
+        variance (so ``sigma=0`` is interpolation with a jitter-sized nugget).
+    jitter : float
+        Added to the diagonal of ``K_UU``.
+    predictor_with_uncertainty : bool
+        Kept for API compatibility: the predictor always offers ``covariance``.
+    obs_variance : bool
+        Also fit the observation-variance surface from HC3 residuals (§3.5).
+    random_state : int, optional
+        Seed of the k-means landmarks.
+    nn_float32 : bool
+        Estimate ``ls`` with the reference's float32 arithmetic (SPEC §10.15).
+
+    Attributes
+    ----------
+    nn_distances, ls, landmarks, gp_type, n_obs, predict
+        Set by :meth:`fit`.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_landmarks: int | None = None,
+        landmarks: Any = None,
+        gp_type: str | None = None,
+        ls: float | None = None,
+        ls_factor: float = 1.0,
+        nn_distances: Any = None,
+        mu: float = 0.0,
+        sigma: float = 0.0,
+        jitter: float = 1e-6,
+        predictor_with_uncertainty: bool = False,
+        obs_variance: bool = False,
+        random_state: int | None = 42,
+        nn_float32: bool = True,
+    ):
+        self.n_landmarks = n_landmarks
+        self._given = {
+            "landmarks": None if landmarks is None else np.asarray(landmarks, dtype=np.float64),
+            "gp_type": gp_type,
+            "ls": None if ls is None else check_positive(ls, "ls"),
+            "nn_distances": None if nn_distances is None else np.asarray(nn_distances, dtype=np.float64),
+        }
+        for key, value in self._given.items():
+            setattr(self, key, value)
+        self.ls_factor = check_positive(ls_factor, "ls_factor")
+        self.mu = float(mu)
+        self.sigma = check_positive(sigma, "sigma", allow_zero=True)
+        self.jitter = check_positive(jitter, "jitter")
+        self.predictor_with_uncertainty = bool(predictor_with_uncertainty)
+        self.obs_variance = bool(obs_variance)
+        self.random_state = random_state
+        self.nn_float32 = bool(nn_float32)
+        self.predict: FunctionPredictor | None = None
+
+    @with_x64
+    def fit(self, x: Any, y: Any) -> "FunctionEstimator":
+        """Fit to cells ``x`` (n, D) and targets ``y`` (n,) or (n, G); returns self.
+
+        ``y`` may be any array that slices by rows (numpy, dask, zarr, h5py, scipy
+        sparse); it is read one chunk of cells at a time in landmark mode.
+        """
+        x = as_cell_states(x, "x")
+        n, dim = x.shape
+        y, one_d = as_expression(y, n, "y")
+        given = self._given
+        self.landmarks = None if given["landmarks"] is None else check_landmarks(given["landmarks"], dim)
+        if given["ls"] is not None:
+            self.ls = given["ls"]
+        else:
+            nn = given["nn_distances"]
+            self.nn_distances = nn_distances(x, float32=self.nn_float32) if nn is None else nn
+            self.ls = check_positive(dp.length_scale(self.nn_distances, self.ls_factor, self.nn_float32), "ls")
+        self.gp_type, m = resolve_gp_type(n, self.n_landmarks, self.landmarks, given["gp_type"])
+        if self.landmarks is None:
+            self.landmarks = compute_landmarks(x, self.gp_type, m, self.random_state)
+        if self.gp_type != "full" and self.landmarks is None:
+            msg = f"gp_type={self.gp_type!r} needs landmarks, but n_landmarks={m} gives none; use gp_type='full'"
+            raise ValueError(msg)
+        self.n_obs = n
+        fit = self._fit_full if self.gp_type == "full" else self._fit_landmarks
+        self.predict = FunctionPredictor(fit(x, y, one_d))
+        return self
+
+    def fit_predict(self, x: Any, y: Any) -> np.ndarray:
+        """Fit and return the posterior mean at the training cells."""
+        return self.fit(x, y).predict(x)
+
+    @property
+    def _noise(self) -> float:
+        return max(self.sigma**2, self.jitter)
+
+    def _fit_landmarks(self, x: np.ndarray, y: Any, one_d: bool) -> FunctionState:
+        u, ls, mu = self.landmarks, self.ls, self.mu
+        lp = la.checked(la.prior_cholesky(u, ls, self.jitter), "K_UU + jitter*I")
+        slices = row_slices(len(x), len(u), like=y)
+        aat, a_r = sum_over_chunks(
+            lambda sl: fk.chunk_projected_stats(x[sl], u, lp, ls, read_rows(y, sl) - mu), slices
+        )
+        lb = la.checked(fk.landmark_noise_factor(aat, self._noise), "I + A A^T / sigma^2")
+        weights = fk.landmark_weights(lp, lb, a_r, self._noise)
+        state = FunctionState(np.asarray(u), np.asarray(weights), np.asarray(lp), np.asarray(lb), mu, ls, len(x), one_d)
+        if not self.obs_variance:
+            return state
+        lm = la.checked(fk.leverage_factor(lp, aat, self.sigma**2, self.jitter), "the leverage matrix")
+
+        def residual_cross(sl):
+            h = fk.landmark_leverage(x[sl], u, lm, ls)
+            fitted = fk.predict_mean(x[sl], u, weights, mu, ls)
+            e2 = fk.hc3_squared_residuals(read_rows(y, sl), fitted, h)
+            return (fk.chunk_projected_cross(x[sl], u, lp, ls, e2),)
+
+        (cross_var,) = sum_over_chunks(residual_cross, slices)
+        obs_w = fk.landmark_weights(lp, lb, cross_var, self._noise)
+        return state._replace(leverage_factor=np.asarray(lm), obs_weights=np.asarray(obs_w))
+
+    def _fit_full(self, x: np.ndarray, y: Any, one_d: bool) -> FunctionState:
+        ls, mu = self.ls, self.mu
+        yy = read_rows(y, slice(0, len(x)))
+        lf = la.checked(fk.full_factor(x, ls, self._noise), "K_XX + sigma^2 I")
+        weights = fk.full_weights(lf, yy - mu)
+        state = FunctionState(x, np.asarray(weights), np.asarray(lf), None, mu, ls, len(x), one_d)
+        if not self.obs_variance:
+            return state
+        h = fk.full_training_leverage(x, ls, self.sigma**2, self.jitter)
+        fitted = fk.predict_mean(x, x, weights, mu, ls)
+        e2 = fk.hc3_squared_residuals(yy, fitted, h)
+        lv = la.checked(fk.full_factor(x, ls, self.sigma**2 + self.jitter), "K_XX + (sigma^2 + jitter) I")
+        return state._replace(train_leverage=np.asarray(h), obs_weights=np.asarray(fk.full_weights(lv, e2)))

@@ -1,0 +1,99 @@
+"""DensityEstimator against the reference cases (reference README §3 tolerances)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_close
+
+import kompot_dask as kd
+
+KOMPOT_SETTINGS = dict(d_method="fractal", predictor_with_uncertainty=True, ls_factor=10.0)
+CASES = ["density_landmarks", "density_full"]
+
+
+def _settings(case):
+    kw = dict(KOMPOT_SETTINGS)
+    if "in_landmarks" in case:
+        kw.update(landmarks=case["in_landmarks"], gp_type="fixed")
+    return kw
+
+
+@pytest.fixture(scope="module", params=CASES)
+def fitted(request):
+    case = request.getfixturevalue(request.param)
+    return case, kd.DensityEstimator(**_settings(case)).fit(case["in_X"])
+
+
+@pytest.fixture(scope="module", params=CASES)
+def fitted_ref_params(request):
+    """Fitted with the reference's NN distances, d, mu and ls injected."""
+    case = request.getfixturevalue(request.param)
+    kw = _settings(case)
+    kw.update(
+        nn_distances=case["out_nn_distances"],
+        d=float(case["out_d"]),
+        mu=float(case["out_mu"]),
+        ls=float(case["out_ls"]),
+    )
+    return case, kd.DensityEstimator(**kw).fit(case["in_X"])
+
+
+def test_intermediates(fitted):
+    case, est = fitted
+    assert est.gp_type == str(case["out_gp_type"])
+    assert est.n_obs == int(case["out_n_obs"]) == est.predict.n_obs
+    assert_close(est.nn_distances, case["out_nn_distances"], rtol=2e-7, what="nn (float32 convention)")
+    assert_close(est.d, case["out_d"], rtol=1e-10, what="fractal d")
+    assert_close(est.mu, case["out_mu"], atol=1e-5, what="mu")
+    assert_close(est.ls, case["out_ls"], rtol=1e-6, what="ls")
+    assert_close(est.initial_value, case["out_initial_value"], atol=1e-5, what="initial value")
+    assert_close(est.pre_transformation_std, case["out_s"], rtol=1e-3, what="Laplace s")
+    assert est.optimizer_result.success
+
+
+def test_outputs(fitted):
+    case, est = fitted
+    p = est.predict
+    for where, x in [("train", case["in_X"]), ("query", case["in_X_query"])]:
+        assert_close(p(x, normalize=True), case[f"out_log_density_{where}"], atol=1e-3, what=f"log density {where}")
+        assert_close(p.covariance(x), case[f"out_covariance_diag_{where}"], atol=1e-9, rtol=1e-8, what=where)
+        assert_close(p.mean_covariance(x), case[f"out_mean_covariance_diag_{where}"], atol=1e-9, rtol=2e-3)
+        assert_close(p.uncertainty(x), case[f"out_uncertainty_{where}"], atol=1e-9, rtol=2e-3)
+    unnormalised = p(case["in_X"]) - np.log(est.n_obs)
+    assert_close(unnormalised, case["out_log_density_train"], atol=1e-3, what="normalize=False")
+
+
+def test_loss_gradient_and_path_with_reference_parameters(fitted_ref_params):
+    case, est = fitted_ref_params
+    if "out_Lp" in case:
+        assert_close(est.predict.state.lp, case["out_Lp"], atol=1e-10, what="Lp")
+    assert_close(est.initial_value, case["out_initial_value"], atol=1e-5, what="initial value")
+    for at in ["initial_value", "z"]:
+        loss, grad = est.loss_and_gradient(case[f"out_{at}" if at == "z" else "out_initial_value"])
+        assert_close(loss, case[f"out_loss_at_{at}"], atol=1e-4, rtol=1e-8, what=f"loss at {at}")
+        assert_close(grad, case[f"out_grad_at_{at}"], atol=1e-9, what=f"gradient at {at}")
+    # the optimiser replays the reference's L-BFGS-B path
+    assert est.optimizer_result.nit == int(case["out_optimizer_iter_num"])
+    assert_close(est.pre_transformation, case["out_z"], atol=1e-4, what="latent z")
+    assert_close(est.optimizer_result.fun, case["out_optimizer_fun_val"], atol=1e-4, rtol=1e-8)
+
+
+def test_float64_arithmetic_stays_within_tolerance(density_landmarks):
+    case = density_landmarks
+    est = kd.DensityEstimator(nn_float32=False, **_settings(case)).fit(case["in_X"])
+    assert_close(est.nn_distances, case["out_nn_distances"], rtol=5e-5, what="float64 nn")
+    for where, x in [("train", case["in_X"]), ("query", case["in_X_query"])]:
+        assert_close(est.predict(x, normalize=True), case[f"out_log_density_{where}"], atol=1e-3)
+
+
+def test_full_covariances_match_diagonals(density_landmarks):
+    case = density_landmarks
+    est = kd.DensityEstimator(**_settings(case)).fit(case["in_X"])
+    x = case["in_X_query"][:40]
+    p = est.predict
+    assert_close(np.diag(p.covariance(x, diag=False)), p.covariance(x), atol=1e-12)
+    assert_close(np.diag(p.mean_covariance(x, diag=False)), p.mean_covariance(x), atol=1e-12)
+    assert_close(np.diag(p.uncertainty(x, diag=False)), p.uncertainty(x), atol=1e-12)
+    full = p.covariance(x, diag=False)
+    assert_close(full, full.T, atol=1e-12, what="symmetry")
