@@ -1,0 +1,89 @@
+"""Results do not depend on how cells are chunked; landmark mode meets the full GP."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import assert_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kompot_dask as kd
+
+
+@pytest.fixture(scope="module")
+def small(density_landmarks):
+    rng = np.random.default_rng(0)
+    x = density_landmarks["in_X"][:400]
+    y = np.sin(x[:, :3] / 5.0) + 0.1 * rng.standard_normal((400, 3))
+    return x, y, density_landmarks["in_landmarks"][:30]
+
+
+def _density(x, u, chunk):
+    with kd.set_options(cell_chunk_size=chunk):
+        est = kd.DensityEstimator(landmarks=u, gp_type="fixed", d_method="fractal", ls_factor=10.0,
+                                  predictor_with_uncertainty=True).fit(x)
+        return est, est.predict(x), est.predict.uncertainty(x)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunk=st.integers(min_value=7, max_value=399))
+def test_density_independent_of_cell_chunks(small, chunk):
+    x, _, u = small
+    ref_est, ref_pred, ref_unc = _density(x, u, None)
+    est, pred, unc = _density(x, u, chunk)
+    z = ref_est.pre_transformation
+    loss_ref, grad_ref = ref_est.loss_and_gradient(z)
+    loss, grad = est.loss_and_gradient(z)
+    assert_close(loss, loss_ref, rtol=1e-12, what="loss")
+    assert_close(grad, grad_ref, atol=1e-10, what="gradient")
+    assert_close(est.initial_value, ref_est.initial_value, atol=1e-10, what="initial value")
+    assert_close(pred, ref_pred, atol=1e-6, what="log density")  # optimiser tolerance
+    assert_close(unc, ref_unc, rtol=1e-5, what="uncertainty")
+
+
+@pytest.mark.parametrize("chunks", [(400,), (1, 399), (150, 7, 200, 43), (33,) * 12 + (4,)])
+def test_function_independent_of_uneven_dask_chunks(small, chunks):
+    x, y, u = small
+    ref = kd.FunctionEstimator(landmarks=u, gp_type="fixed", sigma=1.0, ls=30.0, obs_variance=True).fit(x, y)
+    yd = da.from_array(y, chunks=(chunks, 3))
+    est = kd.FunctionEstimator(landmarks=u, gp_type="fixed", sigma=1.0, ls=30.0, obs_variance=True).fit(x, yd)
+    for name in ["__call__", "covariance", "obs_variance", "leverage"]:
+        a = getattr(est.predict, name)(x)
+        b = getattr(ref.predict, name)(x)
+        assert_close(a, b, atol=1e-10, rtol=1e-8, what=name)
+
+
+def test_zarr_expression_is_read_by_chunks(small, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    x, y, u = small
+    store = zarr.create_array(str(tmp_path / "y.zarr"), shape=y.shape, chunks=(64, 3), dtype="f8")
+    store[:] = y
+    a = kd.FunctionEstimator(landmarks=u, gp_type="fixed", sigma=1.0, ls=30.0).fit(x, store).predict(x)
+    b = kd.FunctionEstimator(landmarks=u, gp_type="fixed", sigma=1.0, ls=30.0).fit(x, y).predict(x)
+    assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_function_landmarks_equal_to_cells_meets_full_gp(small):
+    x, y, _ = small
+    x, y = x[:150], y[:150]
+    full = kd.FunctionEstimator(gp_type="full", sigma=1.0, ls=30.0, obs_variance=True).fit(x, y)
+    lm = kd.FunctionEstimator(landmarks=x, gp_type="fixed", sigma=1.0, ls=30.0, obs_variance=True).fit(x, y)
+    assert full.gp_type == "full" and lm.gp_type == "fixed"
+    xq = x + 0.5
+    assert_close(lm.predict(xq), full.predict(xq), atol=1e-5, what="mean")  # jitter-level
+    assert_close(lm.predict.covariance(xq), full.predict.covariance(xq), atol=1e-5, what="variance")
+    assert_close(lm.predict.leverage(x), full.predict.leverage(x), atol=1e-5, what="leverage")
+    assert_close(lm.predict.obs_variance(xq), full.predict.obs_variance(xq), atol=1e-5, rtol=1e-4)
+
+
+def test_density_landmarks_equal_to_cells_meets_full_gp(density_full):
+    x = density_full["in_X"][:200]
+    kw = dict(d_method="fractal", ls_factor=10.0, predictor_with_uncertainty=True)
+    full = kd.DensityEstimator(**kw).fit(x)
+    lm = kd.DensityEstimator(landmarks=x, gp_type="fixed", **kw).fit(x)
+    assert full.gp_type == "full" and lm.gp_type == "fixed"
+    # L differs by jitter terms only (K Lp^-T = Lp - j Lp^-T), so densities agree to ~1e-3
+    assert_close(lm.predict(x, normalize=True), full.predict(x, normalize=True), atol=2e-3)
+    assert_close(lm.predict.covariance(x), full.predict.covariance(x), atol=1e-8)

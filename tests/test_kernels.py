@@ -1,0 +1,82 @@
+"""Primitive kernels: distances, Matérn, neighbours, fractal dimension, k-means."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_close
+from scipy.spatial.distance import cdist
+
+from kompot_dask._jax import x64
+from kompot_dask.estimators._landmarks import compute_landmarks, kmeans_landmarks, resolve_gp_type
+from kompot_dask.kernels import covariance, landmarks, neighbors
+
+
+def test_distance_formula_and_matern():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(7, 3)), rng.normal(size=(5, 3))
+    with x64():
+        d = np.asarray(covariance.distances(a, b))
+        self_d = np.asarray(covariance.distances(a, a))
+        k = np.asarray(covariance.matern52(a, b, 2.0))
+        kd = np.asarray(covariance.matern52_diag(a, 2.0))
+    assert_close(d, np.sqrt(cdist(a, b) ** 2 + 1e-12), atol=1e-12)
+    assert_close(np.diag(self_d), np.full(7, 1e-6), atol=1e-7, what="dist(x, x) = 1e-6")
+    r = np.sqrt(5) * np.sqrt(cdist(a, b) ** 2 + 1e-12) / 2.0
+    assert_close(k, (1 + r + r**2 / 3) * np.exp(-r), atol=1e-12)
+    assert_close(kd, np.ones(7), atol=1e-12)
+
+
+def test_fractal_dimension_matches_reference(density_landmarks):
+    case = density_landmarks
+    x = case["in_X"]
+    tree = neighbors.build_tree(x)
+    d, idx, local = neighbors.fractal_dimension(tree, x)
+    np.testing.assert_array_equal(idx, case["out_fractal_query_idx"])
+    assert_close(local, case["out_fractal_local_dims"], rtol=1e-10, what="local dims")
+    assert_close(d, case["out_d"], rtol=1e-10)
+
+
+def test_nn_distances_float32_and_float64(density_full):
+    x = density_full["in_X"]
+    tree = neighbors.build_tree(x)
+    exact = cdist(x, x)
+    np.fill_diagonal(exact, np.inf)
+    assert_close(neighbors.nn_distances_chunk(tree, x), exact.min(axis=1), rtol=1e-12)
+    assert_close(neighbors.nn_distances_chunk(tree, x, float32=True), density_full["out_nn_distances"], rtol=2e-7)
+    # any chunk of cells against the tree of all cells
+    assert_close(neighbors.nn_distances_chunk(tree, x[100:137]), exact.min(axis=1)[100:137], rtol=1e-12)
+
+
+def test_lloyd_step_is_a_sum_over_chunks():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 4))
+    centers = x[:12].copy()
+    whole = landmarks.lloyd_chunk_stats(x, centers)
+    parts = landmarks.lloyd_chunk_stats(x[:123], centers) + landmarks.lloyd_chunk_stats(x[123:], centers)
+    assert_close(parts.sums, whole.sums, atol=1e-12)
+    np.testing.assert_array_equal(parts.counts, whole.counts)
+    assert_close(parts.inertia, whole.inertia, rtol=1e-12)
+
+
+def test_kmeans_finds_separated_clusters_and_is_seeded():
+    rng = np.random.default_rng(4)
+    centres = np.array([[0, 0], [20, 0], [0, 20], [20, 20.0]])
+    x = np.vstack([c + rng.normal(scale=0.5, size=(200, 2)) for c in centres])
+    found = kmeans_landmarks(x, 4, random_state=0)
+    assert_close(np.sort(found, axis=0), np.sort(centres, axis=0), atol=0.2)
+    np.testing.assert_array_equal(found, kmeans_landmarks(x, 4, random_state=0))
+
+
+def test_gp_type_resolution():
+    assert resolve_gp_type(100, None, None, None) == ("full", 100)
+    assert resolve_gp_type(6000, None, None, None) == ("sparse_cholesky", 5000)
+    assert resolve_gp_type(100, None, np.zeros((200, 2)), None) == ("full", 200)
+    assert resolve_gp_type(100, None, np.zeros((200, 2)), "fixed") == ("fixed", 200)
+    assert resolve_gp_type(1000, 50, None, None) == ("sparse_cholesky", 50)
+    x = np.arange(20.0).reshape(10, 2)
+    assert compute_landmarks(x, "fixed", 10, 0) is not None  # all cells become landmarks
+    np.testing.assert_array_equal(compute_landmarks(x, "fixed", 12, 0), x)
+    assert compute_landmarks(x, "full", 5, 0) is None
+    with pytest.raises(ValueError, match="at least 2"):
+        compute_landmarks(x, "fixed", 1, 0)
