@@ -83,8 +83,8 @@ def _dense_numpy(sigma, delta, q, eps):
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
-@given(m=st.sampled_from([5, 50, 300]), s=st.sampled_from([1, 3, 6]), scale=st.sampled_from([0.1, 1.0, 10.0]),
-       seed=st.integers(0, 2**16))
+@given(m=st.sampled_from([5, 50, 300]), s=st.sampled_from([1, 3, 6]),
+       scale=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**16))
 def test_woodbury_matches_dense_cholesky(m, s, scale, seed):
     rng = np.random.default_rng(seed)
     genes = 4
