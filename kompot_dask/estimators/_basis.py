@@ -21,11 +21,16 @@ __all__ = ["LandmarkBasis", "FullBasis", "sum_over_chunks"]
 
 
 def sum_over_chunks(fn: Callable[[slice], tuple], slices: Sequence[slice]) -> tuple:
-    """Element-wise sum of the tuples ``fn(sl)`` over all chunks."""
-    total = list(fn(slices[0]))
+    """Element-wise sum of the tuples ``fn(sl)`` over all chunks.
+
+    Each chunk is finished before the next is read: JAX dispatches asynchronously, and
+    without the wait every chunk's inputs would be in flight at once (memory ~ n).
+    """
+    total = list(jax.block_until_ready(fn(slices[0])))
     for sl in slices[1:]:
         for i, part in enumerate(fn(sl)):
             total[i] = total[i] + part
+        jax.block_until_ready(total)
     return tuple(total)
 
 
