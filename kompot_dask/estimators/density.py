@@ -15,6 +15,7 @@ from ..kernels import neighbors as nb
 from ._basis import FullBasis, LandmarkBasis, sum_over_chunks
 from ._inputs import as_cell_states, check_landmarks, check_positive, row_slices
 from ._landmarks import compute_landmarks, resolve_gp_type
+from ._predictor import ChunkedPredictor
 
 __all__ = ["DensityEstimator", "DensityPredictor", "DensityState"]
 
@@ -39,36 +40,17 @@ def nn_distances(x: np.ndarray, tree=None, float32: bool = False) -> np.ndarray:
     return np.concatenate([nb.nn_distances_chunk(tree, x[sl], float32) for sl in row_slices(len(x), 1)])
 
 
-class DensityPredictor:
+class DensityPredictor(ChunkedPredictor):
     """Callable log-density predictor with GP uncertainties (SPEC §2.8).
 
     ``predictor(x, normalize=False)`` gives the log density; ``normalize=True`` subtracts
     ``ln n_obs``. Query cells are processed in chunks, so any number can be predicted.
     """
 
-    def __init__(self, state: DensityState):
-        self.state = state
-
-    @property
-    def n_obs(self) -> int:
-        """Number of training cells."""
-        return self.state.n_obs
-
-    def _query(self, x: Any) -> np.ndarray:
-        x = as_cell_states(x, "x", min_cells=1)
-        if x.shape[1] != self.state.inducing.shape[1]:
-            msg = f"`x` has {x.shape[1]} features but the model was fitted on {self.state.inducing.shape[1]}"
-            raise ValueError(msg)
-        return x
-
-    def _chunked(self, x: np.ndarray, fn) -> np.ndarray:
-        slices = row_slices(len(x), len(self.state.inducing))
-        return np.concatenate([np.asarray(fn(x[sl])) for sl in slices])
-
     @with_x64
     def __call__(self, x: Any, normalize: bool = False) -> np.ndarray:
         st = self.state
-        out = self._chunked(
+        out = self._by_chunks(
             self._query(x), lambda xc: dk.predict_log_density(xc, st.inducing, st.weights, st.mu, st.ls)
         )
         return out - np.log(st.n_obs) if normalize else out

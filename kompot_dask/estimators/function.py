@@ -13,6 +13,7 @@ from ..kernels import linalg as la
 from ._basis import sum_over_chunks
 from ._inputs import as_cell_states, as_expression, check_landmarks, check_positive, read_rows, row_slices
 from ._landmarks import compute_landmarks, resolve_gp_type
+from ._predictor import ChunkedPredictor
 from .density import nn_distances
 
 __all__ = ["FunctionEstimator", "FunctionPredictor", "FunctionState"]
@@ -34,35 +35,17 @@ class FunctionState(NamedTuple):
     obs_weights: np.ndarray | None = None  # (m, G) weights of the observation-variance GP
 
 
-class FunctionPredictor:
+class FunctionPredictor(ChunkedPredictor):
     """Callable posterior mean with covariance, leverage and observation variance.
 
     ``predictor(x)`` gives the posterior mean, ``(n, G)`` (``(n,)`` for a vector target).
     Query cells are processed in chunks; ``genes`` selects a batch of columns.
     """
 
-    def __init__(self, state: FunctionState):
-        self.state = state
-
-    @property
-    def n_obs(self) -> int:
-        """Number of training cells."""
-        return self.state.n_obs
-
     @property
     def landmarks(self) -> np.ndarray | None:
         """Inducing points in landmark mode, None for a full GP."""
         return None if self.state.lb is None else self.state.inducing
-
-    def _query(self, x: Any) -> np.ndarray:
-        x = as_cell_states(x, "x", min_cells=1)
-        if x.shape[1] != self.state.inducing.shape[1]:
-            msg = f"`x` has {x.shape[1]} features but the model was fitted on {self.state.inducing.shape[1]}"
-            raise ValueError(msg)
-        return x
-
-    def _by_chunks(self, x: np.ndarray, fn) -> np.ndarray:
-        return np.concatenate([np.asarray(fn(x[sl])) for sl in row_slices(len(x), len(self.state.inducing))])
 
     def _shaped(self, out: np.ndarray) -> np.ndarray:
         return out[:, 0] if self.state.one_d else out
