@@ -9,7 +9,7 @@ import numpy as np
 from ..kernels import landmarks as km
 from ._inputs import row_slices
 
-__all__ = ["resolve_gp_type", "compute_landmarks", "kmeans_landmarks"]
+__all__ = ["resolve_gp_type", "compute_landmarks", "resolve_inducing", "kmeans_landmarks"]
 
 MAX_AUTO_LANDMARKS = 5000
 _SUPPORTED = ("full", "fixed", "sparse_cholesky")
@@ -55,6 +55,22 @@ def compute_landmarks(
             return np.array(x, dtype=np.float64, copy=True)
         return None
     return kmeans_landmarks(x, n_landmarks, random_state)
+
+
+def resolve_inducing(
+    x: np.ndarray, n_landmarks: int | None, landmarks: np.ndarray | None, gp_type: str | None, random_state: Any
+) -> tuple[str, np.ndarray | None]:
+    """The GP type and landmarks an estimator fits with (SPEC §1.7 steps 1-4).
+
+    Returns ``(gp_type, landmarks)``; landmarks are None exactly for a full GP.
+    """
+    gp_type, m = resolve_gp_type(len(x), n_landmarks, landmarks, gp_type)
+    if landmarks is None:
+        landmarks = compute_landmarks(x, gp_type, m, random_state)
+    if gp_type != "full" and landmarks is None:
+        msg = f"gp_type={gp_type!r} needs landmarks, but n_landmarks={m} gives none; use gp_type='full'"
+        raise ValueError(msg)
+    return gp_type, landmarks
 
 
 def kmeans_landmarks(

@@ -14,7 +14,7 @@ from ..kernels import linalg as la
 from ..kernels import neighbors as nb
 from ._basis import FullBasis, LandmarkBasis, sum_over_chunks
 from ._inputs import as_cell_states, check_landmarks, check_positive, row_slices
-from ._landmarks import compute_landmarks, resolve_gp_type
+from ._landmarks import resolve_inducing
 from ._predictor import ChunkedPredictor
 
 __all__ = ["DensityEstimator", "DensityPredictor", "DensityState"]
@@ -230,12 +230,9 @@ class DensityEstimator:
             self.mu = dp.prior_mean(self.nn_distances, self.d, f32)
         if given["ls"] is None:
             self.ls = dp.length_scale(self.nn_distances, self.ls_factor, f32)
-        self.gp_type, m = resolve_gp_type(n, self.n_landmarks, self.landmarks, given["gp_type"])
-        if self.landmarks is None:
-            self.landmarks = compute_landmarks(x, self.gp_type, m, self.random_state)
-        if self.gp_type != "full" and self.landmarks is None:
-            msg = f"gp_type={self.gp_type!r} needs landmarks, but n_landmarks={m} gives none; use gp_type='full'"
-            raise ValueError(msg)
+        self.gp_type, self.landmarks = resolve_inducing(
+            x, self.n_landmarks, self.landmarks, given["gp_type"], self.random_state
+        )
         self.n_obs = n
         self._fit_latent(x)
         return self

@@ -12,7 +12,7 @@ from ..kernels import function as fk
 from ..kernels import linalg as la
 from ._basis import sum_over_chunks
 from ._inputs import as_cell_states, as_expression, check_landmarks, check_positive, read_rows, row_slices
-from ._landmarks import compute_landmarks, resolve_gp_type
+from ._landmarks import resolve_inducing
 from ._predictor import ChunkedPredictor
 from .density import nn_distances
 
@@ -182,12 +182,9 @@ class FunctionEstimator:
             nn = given["nn_distances"]
             self.nn_distances = nn_distances(x, float32=self.nn_float32) if nn is None else nn
             self.ls = check_positive(dp.length_scale(self.nn_distances, self.ls_factor, self.nn_float32), "ls")
-        self.gp_type, m = resolve_gp_type(n, self.n_landmarks, self.landmarks, given["gp_type"])
-        if self.landmarks is None:
-            self.landmarks = compute_landmarks(x, self.gp_type, m, self.random_state)
-        if self.gp_type != "full" and self.landmarks is None:
-            msg = f"gp_type={self.gp_type!r} needs landmarks, but n_landmarks={m} gives none; use gp_type='full'"
-            raise ValueError(msg)
+        self.gp_type, self.landmarks = resolve_inducing(
+            x, self.n_landmarks, self.landmarks, given["gp_type"], self.random_state
+        )
         self.n_obs = n
         fit = self._fit_full if self.gp_type == "full" else self._fit_landmarks
         self.predict = FunctionPredictor(fit(x, y, one_d))
