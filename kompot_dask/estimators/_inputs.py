@@ -20,6 +20,7 @@ __all__ = [
     "as_expression",
     "row_slices",
     "read_rows",
+    "take_rows",
 ]
 
 
@@ -146,3 +147,16 @@ def row_slices(n: int, n_columns: int, like: Any = None, chunk_rows: int | None 
     if bounds[-1] != n:
         raise ValueError(f"chunk sizes {sizes} do not add up to {n} cells")
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def take_rows(arr: Any, rows: np.ndarray) -> Any:
+    """Rows ``rows`` (sorted integer indices) of an array-like, lazily where it allows.
+
+    numpy, scipy sparse and dask index directly (dask stays lazy); zarr uses an
+    orthogonal selection; h5py needs increasing indices, which sorted ``rows`` are.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if hasattr(arr, "get_orthogonal_selection"):  # zarr
+        sel = (rows,) + (slice(None),) * (len(arr.shape) - 1)
+        return arr.get_orthogonal_selection(sel)
+    return arr[rows]

@@ -1,0 +1,127 @@
+"""One condition's expression model (SPEC §6.1): GP mean, posterior, sample and empirical variance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..estimators import FunctionEstimator
+from ..estimators._inputs import read_rows, take_rows
+from ..kernels import function as fk
+from ._variance import variance_diag
+
+__all__ = ["ConditionModel", "expression_length_scale", "fit_empirical_variance"]
+
+
+def expression_length_scale(nn: np.ndarray, ls_factor: float, float32: bool, name: str) -> float:
+    """``ls = ls_factor · exp(mean ln nn + 3)`` from one condition's NN distances (§6.1 step 3).
+
+    The reference does not guard zero distances here (``ls`` becomes 0 and the kernel
+    degenerates); we stop with an explanation instead.
+    """
+    from ..kernels import density_params as dp
+
+    zeros = int(np.sum(nn <= 0))
+    if zeros:
+        msg = (
+            f"{zeros} cell(s) of `{name}` have an identical twin (nearest-neighbour distance 0), "
+            "which makes the estimated length scale 0; remove duplicated cells or pass `ls`"
+        )
+        raise ValueError(msg)
+    return dp.length_scale(nn, ls_factor, float32)
+
+
+class ConditionModel:
+    """Accessors of §6.1 over a fitted (or injected) condition model.
+
+    Parameters
+    ----------
+    function_predictor : callable
+        ``f(x, genes=None)`` → posterior mean (n, G), with ``f.covariance(x, diag)``.
+    variance_predictor : SampleVarianceEstimator or callable, optional
+        Sample variance, ``v(x, diag=True)`` → (n, G).
+    obs_variance_predictor : callable, optional
+        Empirical variance surface ``ν(x)`` → (n, G).
+    eps : float
+        Floor of the empirical variance and jitter of the std.
+    """
+
+    def __init__(self, function_predictor, variance_predictor=None, obs_variance_predictor=None, eps=1e-8):
+        self.function_predictor = function_predictor
+        self.variance_predictor = variance_predictor
+        self.obs_variance_predictor = obs_variance_predictor
+        self.eps = float(eps)
+
+    @property
+    def landmarks(self) -> np.ndarray | None:
+        """Inducing points of a landmark-mode predictor (None for a full GP or unknown)."""
+        return getattr(self.function_predictor, "landmarks", None)
+
+    @property
+    def per_gene_variance(self) -> bool:
+        """Whether the total variance differs between genes."""
+        return self.variance_predictor is not None or self.obs_variance_predictor is not None
+
+    def mean(self, x: np.ndarray, genes: Any = None) -> np.ndarray:
+        """Posterior mean (n, G) (the imputed expression)."""
+        try:
+            out = self.function_predictor(x, genes=genes)
+        except TypeError:  # an injected predictor without gene batches
+            out = self.function_predictor(x)
+            out = out if genes is None else np.asarray(out)[:, genes]
+        out = np.asarray(out, dtype=np.float64)
+        return out[:, None] if out.ndim == 1 else out
+
+    def covariance(self, x: np.ndarray, diag: bool = True) -> np.ndarray:
+        """GP posterior covariance, the same for every gene: (n,) or (n, n)."""
+        return np.asarray(self.function_predictor.covariance(x, diag=diag), dtype=np.float64)
+
+    def obs_variance(self, x: np.ndarray, genes: Any = None) -> np.ndarray | float:
+        """``max(ν(x), eps)`` (n, G), or 0 without empirical variance."""
+        if self.obs_variance_predictor is None:
+            return 0.0
+        try:
+            nu = self.obs_variance_predictor(x, genes=genes)
+        except TypeError:
+            nu = np.asarray(self.obs_variance_predictor(x))
+            nu = nu if genes is None else nu[:, genes]
+        nu = np.asarray(nu, dtype=np.float64)
+        return np.maximum(nu[:, None] if nu.ndim == 1 else nu, self.eps)
+
+    def sample_variance(self, x: np.ndarray, genes: Any = None) -> np.ndarray | float:
+        """Per-cell sample variance (n, G), or 0 without sample variance."""
+        if self.variance_predictor is None:
+            return 0.0
+        return variance_diag(self.variance_predictor, x, genes)
+
+    def total_variance(self, x: np.ndarray, genes: Any = None, cov_diag: np.ndarray | None = None) -> np.ndarray:
+        """``covariance_diag[:, None] + obs_variance + sample_variance``: (n, 1) or (n, G)."""
+        cov = self.covariance(x, diag=True) if cov_diag is None else cov_diag
+        return cov[:, None] + self.obs_variance(x, genes) + self.sample_variance(x, genes)
+
+
+def fit_empirical_variance(x: np.ndarray, y: Any, labels: np.ndarray | None, kwargs: dict):
+    """The empirical (aleatoric) variance surface ``ν`` of SPEC §6.6; returns its predictor.
+
+    Without labels: one model fitted with ``obs_variance=True`` (HC3 residuals at its
+    training cells, then a GP on them). With labels: HC3 residuals of a separate model
+    per sample on its own cells, pooled, and one GP (same settings) fitted to them.
+    """
+    if labels is None:
+        return FunctionEstimator(**{**kwargs, "obs_variance": True}).fit(x, y).predict.obs_variance
+    first = read_rows(y, slice(0, 1))
+    e2 = np.empty((len(x), first.shape[1]))
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        if len(rows) < 2:
+            continue  # a sample of one cell has no residual; leaves its rows at 0 below
+        ys = take_rows(y, rows)
+        predictor = FunctionEstimator(**{**kwargs, "obs_variance": True}).fit(x[rows], ys).predict
+        fitted = predictor(x[rows])  # a full GP defines leverage only at all its training cells at once
+        fitted = fitted[:, None] if fitted.ndim == 1 else fitted
+        observed = read_rows(ys, slice(0, len(rows)))
+        e2[rows] = np.asarray(fk.hc3_squared_residuals(observed, fitted, predictor.leverage(x[rows])))
+    singles = np.isin(labels, [lab for lab, c in zip(*np.unique(labels, return_counts=True)) if c < 2])
+    e2[singles] = 0.0
+    return FunctionEstimator(**{**kwargs, "mu": 0.0}).fit(x, e2).predict

@@ -1,0 +1,298 @@
+"""Differential abundance between two conditions (SPEC §5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._jax import with_x64
+from ..estimators import DensityEstimator
+from ..estimators._inputs import as_cell_states, check_landmarks, row_slices
+from ..estimators._landmarks import compute_landmarks
+from ..kernels import density_params as dp
+from ..kernels import differential as dk
+from ..kernels import neighbors as nb
+from ._checks import check_conditions, check_lfc_threshold, check_ptp_threshold, check_sample_labels
+from ._variance import fit_sample_variances, variance_diag
+from .sample_variance import SampleVarianceEstimator
+
+__all__ = ["DifferentialAbundance"]
+
+RESULT_KEYS = (
+    "log_density_condition1",
+    "log_density_condition2",
+    "log_fold_change",
+    "log_fold_change_uncertainty",
+    "log_fold_change_zscore",
+    "neg_log10_fold_change_ptp",
+    "log_fold_change_direction",
+)
+
+
+class DifferentialAbundance:
+    """Differential abundance: log fold change of GP cell densities between two conditions.
+
+    Parameters
+    ----------
+    log_fold_change_threshold : float, default 1.0
+        ``|lfc|`` above which a cell can be called up/down (natural log).
+    ptp_threshold : float, default 0.05
+        Posterior tail probability below which a cell can be called up/down.
+    n_landmarks : int, optional
+        Compute this many k-means landmarks on both conditions together and share them.
+        ``None``: each condition resolves its own GP type (SPEC §1.7).
+    use_sample_variance : bool, optional
+        ``None``: on when sample indices are passed to :meth:`fit` or variance predictors
+        are given.
+    eps : float, default 1e-12
+        Added under the square root of the z-score.
+    jit_compile : bool, default False
+        Accepted for API compatibility (kernels are always compiled).
+    density_predictor1, density_predictor2 : callable, optional
+        Pre-fitted density predictors (skip fitting that condition); called as
+        ``p(x, normalize=True)`` with a ``p.uncertainty(x, diag=True)`` method.
+    variance_predictor1, variance_predictor2 : SampleVarianceEstimator or callable, optional
+        Pre-fitted sample-variance predictors, called as ``v(x, diag=True)``.
+    random_state : int, optional
+        Seed of the shared k-means landmarks (``None``: not reproducible, as Kompot).
+    batch_size : int, optional
+        Cells per prediction batch (``None``: chosen from the memory options).
+
+    Attributes
+    ----------
+    log_density_condition1, log_density_condition2, log_fold_change,
+    log_fold_change_uncertainty, log_fold_change_zscore, log_fold_change_ptp,
+    neg_log10_fold_change_ptp, log_fold_change_direction : numpy.ndarray
+        Results of the last :meth:`predict` (``log_fold_change_ptp`` is the PTP itself).
+    density_estimator1, density_estimator2 : DensityEstimator or None
+        The fitted estimators (None when a predictor was injected).
+    landmarks : numpy.ndarray or None
+        Landmarks shared by both conditions, if any.
+    """
+
+    def __init__(
+        self,
+        log_fold_change_threshold: float = 1.0,
+        ptp_threshold: float = 0.05,
+        n_landmarks: int | None = None,
+        use_sample_variance: bool | None = None,
+        eps: float = 1e-12,
+        jit_compile: bool = False,
+        density_predictor1: Any | None = None,
+        density_predictor2: Any | None = None,
+        variance_predictor1: Any | None = None,
+        variance_predictor2: Any | None = None,
+        random_state: int | None = None,
+        batch_size: int | None = None,
+    ):
+        self.log_fold_change_threshold = check_lfc_threshold(log_fold_change_threshold)
+        self.ptp_threshold = check_ptp_threshold(ptp_threshold)
+        if n_landmarks is not None and int(n_landmarks) < 0:
+            raise ValueError(f"`n_landmarks` must be None or >= 0; got {n_landmarks!r}")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"`batch_size` must be None or a positive int; got {batch_size!r}")
+        self.n_landmarks = n_landmarks
+        self.use_sample_variance = use_sample_variance
+        self.eps = float(eps)
+        self.jit_compile = jit_compile
+        self.density_predictor1 = density_predictor1
+        self.density_predictor2 = density_predictor2
+        self.variance_predictor1 = variance_predictor1
+        self.variance_predictor2 = variance_predictor2
+        self.random_state = random_state
+        self.batch_size = batch_size
+        self.density_estimator1 = self.density_estimator2 = None
+        self.landmarks = None
+        self.synced_parameters: dict[str, float] | None = None
+        self.synced_nn_distances: np.ndarray | None = None
+        self.n_features: int | None = None
+
+    @with_x64
+    def fit(
+        self,
+        X_condition1: Any,
+        X_condition2: Any,
+        landmarks: Any = None,
+        ls_factor: float = 10.0,
+        condition1_sample_indices: Any = None,
+        condition2_sample_indices: Any = None,
+        sample_estimator_ls: float | None = None,
+        sync_parameters: bool = False,
+        allow_single_condition_variance: bool = False,
+        **density_kwargs: Any,
+    ) -> "DifferentialAbundance":
+        """Fit one density per condition (and per sample, with sample variance).
+
+        Parameters
+        ----------
+        X_condition1, X_condition2 : array (n_cells, n_features)
+            Cell states of each condition.
+        landmarks : array (M, n_features), optional
+            Landmarks for both conditions (``gp_type="fixed"``); overrides ``n_landmarks``.
+        ls_factor : float, default 10.0
+            Multiplier of each estimated length scale (unless ``ls`` is given).
+        condition1_sample_indices, condition2_sample_indices : array (n_cells,), optional
+            Sample label of each cell; switch sample variance on.
+        sample_estimator_ls : float, optional
+            Length scale of the per-sample estimators.
+        sync_parameters : bool, default False
+            Estimate ``d``, ``mu`` and ``ls`` once on both conditions together (SPEC §5.3).
+        allow_single_condition_variance : bool, default False
+            If only one condition has at least 2 usable samples, use its sample variance
+            for both conditions instead of raising.
+        **density_kwargs
+            Passed to :class:`~kompot_dask.DensityEstimator`.
+
+        Returns
+        -------
+        self
+        """
+        x1, x2 = check_conditions(X_condition1, X_condition2)
+        self.n_features = x1.shape[1]
+        labels1 = check_sample_labels(condition1_sample_indices, len(x1), "condition1_sample_indices")
+        labels2 = check_sample_labels(condition2_sample_indices, len(x2), "condition2_sample_indices")
+        has_labels = labels1 is not None or labels2 is not None
+        given_variance = self.variance_predictor1 is not None or self.variance_predictor2 is not None
+        if self.use_sample_variance and not (has_labels or given_variance):
+            msg = (
+                "use_sample_variance=True needs sample labels: pass `condition1_sample_indices` / "
+                "`condition2_sample_indices` to fit, or variance predictors to the constructor"
+            )
+            raise ValueError(msg)
+        kwargs = self._estimator_kwargs(x1, x2, landmarks, ls_factor, density_kwargs)
+        if sync_parameters:
+            self.synced_parameters, self.synced_nn_distances = _synced_parameters(np.vstack([x1, x2]), kwargs)
+            kwargs.update(self.synced_parameters)
+        if self.density_predictor1 is None:
+            self.density_estimator1 = DensityEstimator(**kwargs).fit(x1)
+            self.density_predictor1 = self.density_estimator1.predict
+        if self.density_predictor2 is None:
+            self.density_estimator2 = DensityEstimator(**kwargs).fit(x2)
+            self.density_predictor2 = self.density_estimator2.predict
+        if has_labels and self.use_sample_variance is not False:
+            sample_kwargs = dict(kwargs)
+            if sample_estimator_ls is not None:
+                sample_kwargs["ls"] = sample_estimator_ls
+            self.variance_predictor1, self.variance_predictor2 = fit_sample_variances(
+                lambda: SampleVarianceEstimator(eps=self.eps, estimator_type="density"),
+                [(x1, None, labels1), (x2, None, labels2)],
+                dict(ls_factor=ls_factor, estimator_kwargs=sample_kwargs),
+                allow_single_condition_variance,
+                given=(self.variance_predictor1, self.variance_predictor2),
+            )
+        return self
+
+    def _estimator_kwargs(self, x1, x2, landmarks, ls_factor, density_kwargs) -> dict:
+        kwargs: dict[str, Any] = {"d_method": "fractal", "predictor_with_uncertainty": True}
+        if "ls" not in density_kwargs:
+            kwargs["ls_factor"] = ls_factor
+        kwargs.update(density_kwargs)
+        if landmarks is not None:
+            self.landmarks = check_landmarks(landmarks, x1.shape[1])
+        elif self.n_landmarks is not None and int(self.n_landmarks) > 0:
+            self.landmarks = compute_landmarks(np.vstack([x1, x2]), "fixed", int(self.n_landmarks), self.random_state)
+        if self.landmarks is not None:
+            kwargs.update(landmarks=self.landmarks, gp_type="fixed")
+        return kwargs
+
+    @property
+    def _sample_variance_on(self) -> bool:
+        if self.use_sample_variance is False:
+            return False
+        return self.variance_predictor1 is not None or self.variance_predictor2 is not None
+
+    @with_x64
+    def predict(
+        self,
+        X_new: Any,
+        log_fold_change_threshold: float | None = None,
+        ptp_threshold: float | None = None,
+        progress: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """Log densities, log fold change and its significance at ``X_new`` (SPEC §5.4).
+
+        Parameters
+        ----------
+        X_new : array (n_cells, n_features)
+        log_fold_change_threshold, ptp_threshold : float, optional
+            Override the constructor's thresholds for the direction calls.
+        progress : bool
+            Accepted for API compatibility (see :func:`kompot_dask.set_options`).
+
+        Returns
+        -------
+        dict
+            ``log_density_condition1``, ``log_density_condition2``, ``log_fold_change``,
+            ``log_fold_change_uncertainty`` (a variance), ``log_fold_change_zscore``,
+            ``neg_log10_fold_change_ptp`` and ``log_fold_change_direction``.
+        """
+        if self.density_predictor1 is None or self.density_predictor2 is None:
+            raise ValueError("DifferentialAbundance is not fitted; call `fit` first")
+        lfc_thr = check_lfc_threshold(
+            self.log_fold_change_threshold if log_fold_change_threshold is None else log_fold_change_threshold
+        )
+        ptp_thr = check_ptp_threshold(self.ptp_threshold if ptp_threshold is None else ptp_threshold)
+        x = as_cell_states(X_new, "X_new", min_cells=1)
+        if self.n_features is not None and x.shape[1] != self.n_features:
+            raise ValueError(f"`X_new` has {x.shape[1]} features but the model was fitted on {self.n_features}")
+        slices = row_slices(len(x), 1, chunk_rows=self.batch_size) if self.batch_size else [slice(0, len(x))]
+        parts = [self._predict_block(x[sl]) for sl in slices]
+        l1, l2, stats = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        lfc, var, z, nl10 = stats.T
+        result = {
+            "log_density_condition1": l1,
+            "log_density_condition2": l2,
+            "log_fold_change": lfc,
+            "log_fold_change_uncertainty": var,
+            "log_fold_change_zscore": z,
+            "neg_log10_fold_change_ptp": nl10,
+            "log_fold_change_direction": dk.directions(lfc, nl10, lfc_thr, ptp_thr),
+        }
+        for key, value in result.items():
+            setattr(self, key, value)
+        self.log_fold_change_ptp = 10.0 ** (-nl10)
+        return result
+
+    def _predict_block(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p1, p2 = self.density_predictor1, self.density_predictor2
+        l1, l2 = p1(x, normalize=True), p2(x, normalize=True)
+        v1, v2 = p1.uncertainty(x, diag=True), p2.uncertainty(x, diag=True)
+        if self._sample_variance_on:
+            if self.variance_predictor1 is not None:
+                v1 = v1 + _flat(variance_diag(self.variance_predictor1, x))
+            if self.variance_predictor2 is not None:
+                v2 = v2 + _flat(variance_diag(self.variance_predictor2, x))
+        return l1, l2, np.column_stack(dk.abundance_stats(l1, l2, v1, v2, self.eps))
+
+
+def _flat(variance: np.ndarray) -> np.ndarray:
+    if variance.ndim != 2 or variance.shape[1] != 1:
+        msg = f"a density variance predictor must return shape (n_cells, 1); got {variance.shape}"
+        raise ValueError(msg)
+    return variance[:, 0]
+
+
+def _synced_parameters(xc: np.ndarray, kwargs: dict) -> tuple[dict[str, float], np.ndarray | None]:
+    """``d``, ``mu``, ``ls`` from both conditions' cells together (SPEC §5.3)."""
+    f32 = bool(kwargs.get("nn_float32", True))
+    tree = nb.build_tree(xc)
+    out: dict[str, float] = {}
+    if kwargs.get("d") is None:
+        method = kwargs.get("d_method", "fractal")
+        out["d"] = nb.fractal_dimension(tree, xc)[0] if method == "fractal" else float(xc.shape[1])
+    d = out.get("d", kwargs.get("d"))
+    need_nn = kwargs.get("mu") is None or kwargs.get("ls") is None
+    nn = np.concatenate([nb.nn_distances_chunk(tree, xc[sl], f32) for sl in row_slices(len(xc), 1)]) if need_nn else None
+    if need_nn and not (nn > 0).all():
+        # The reference takes ln 0 here (ls = 0, mu = -inf) and its fit then fails; say why instead.
+        msg = (
+            f"sync_parameters: {int((nn <= 0).sum())} cell(s) have an identical twin across the two "
+            "conditions (nearest-neighbour distance 0); remove duplicated cells or pass `mu` and `ls`"
+        )
+        raise ValueError(msg)
+    if kwargs.get("mu") is None:
+        out["mu"] = dp.prior_mean(nn, d, f32)
+    if kwargs.get("ls") is None:
+        out["ls"] = dp.length_scale(nn, kwargs.get("ls_factor", 1.0), f32)
+    return out, nn

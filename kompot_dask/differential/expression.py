@@ -1,0 +1,496 @@
+"""Differential expression between two conditions (SPEC §6)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._jax import with_x64
+from ..estimators import FunctionEstimator
+from ..estimators._inputs import as_cell_states, as_expression, check_landmarks, row_slices
+from ..estimators._landmarks import compute_landmarks
+from ..estimators.density import nn_distances
+from ..fdr import compute_fdr
+from ..kernels import differential as dk
+from ..kernels import mahalanobis as mk
+from ..options import get_options
+from ._checks import check_conditions, check_ptp_threshold, check_sample_labels
+from ._expression_model import ConditionModel, expression_length_scale, fit_empirical_variance
+from ._mahalanobis_inputs import evaluation_points, sample_factor
+from ._null_genes import draw_null_genes
+from ._variance import fit_sample_variances
+from .sample_variance import SampleVarianceEstimator
+
+__all__ = ["DifferentialExpression"]
+
+
+class DifferentialExpression:
+    """Differential expression: GP-imputed expression per condition, fold changes, Mahalanobis.
+
+    Parameters
+    ----------
+    n_landmarks : int, optional
+        Compute this many k-means landmarks on both conditions together and share them.
+        ``None``: each condition resolves its own GP type (SPEC §1.7).
+    use_sample_variance : bool, optional
+        ``None``: on when sample indices are passed to :meth:`fit` or variance predictors
+        are given.
+    eps : float, default 1e-8
+        Added to variances under square roots and to the Mahalanobis diagonal.
+    jit_compile : bool, default False
+        Accepted for API compatibility.
+    function_predictor1, function_predictor2 : callable, optional
+        Pre-fitted expression predictors ``f(x)`` → (n, G) with ``f.covariance(x, diag)``.
+    variance_predictor1, variance_predictor2 : SampleVarianceEstimator or callable, optional
+        Pre-fitted sample-variance predictors ``v(x, diag)``.
+    random_state : int, optional
+        Seed of the shared k-means landmarks.
+    batch_size : int, default 500
+        Cells per prediction batch.
+    store_arrays_on_disk : bool, optional
+        Keep sample-variance factors in zarr under ``disk_storage_dir``.
+    disk_storage_dir : str, optional
+        Folder for on-disk arrays.
+    max_memory_ratio : float, default 0.8
+        Accepted for API compatibility (memory is planned by chunk sizes, see
+        :func:`kompot_dask.set_options`).
+    use_empirical_variance : bool, default False
+        Add the heteroscedastic (HC3 residual) variance surface of SPEC §6.6.
+    obs_variance_predictor1, obs_variance_predictor2 : callable, optional
+        Pre-fitted empirical variance surfaces ``ν(x)`` → (n, G).
+    null_genes : int or sequence of int, optional
+        Append this many permuted null genes (or these source columns) to estimate the
+        gene-level FDR of the Mahalanobis distances (SPEC §6.7); they are stripped from
+        every output.
+    null_seed : int, default 42
+        Seed of the null genes (numpy ``RandomState``, as the reference).
+    fdr_threshold : float, default 0.05
+        ``is_de = local_fdr < fdr_threshold``.
+    gene_names : sequence of str, optional
+        Names of the genes (for null-gene names ``NULL_{i}_{name}`` and the FDR table).
+
+    Attributes
+    ----------
+    function_predictor1, function_predictor2, variance_predictor1, variance_predictor2,
+    obs_variance_predictor1, obs_variance_predictor2
+        Fitted or injected predictors.
+    computed_landmarks : numpy.ndarray or None
+        Landmarks shared by both conditions.
+    ls : float
+        Length scale of both conditions' kernel (from condition 1, SPEC §6.3).
+    mahalanobis_distances : numpy.ndarray
+        Per-gene distances of the last Mahalanobis computation.
+    mahalanobis_branch : str
+        Which branch of SPEC §6.5 computed them.
+    fdr_results : pandas.DataFrame or None
+        Gene-level FDR from the null genes.
+    """
+
+    def __init__(
+        self,
+        n_landmarks: int | None = None,
+        use_sample_variance: bool | None = None,
+        eps: float = 1e-8,
+        jit_compile: bool = False,
+        function_predictor1: Any | None = None,
+        function_predictor2: Any | None = None,
+        variance_predictor1: Any | None = None,
+        variance_predictor2: Any | None = None,
+        random_state: int | None = None,
+        batch_size: int = 500,
+        store_arrays_on_disk: bool | None = None,
+        disk_storage_dir: str | None = None,
+        max_memory_ratio: float = 0.8,
+        *,
+        use_empirical_variance: bool = False,
+        obs_variance_predictor1: Any | None = None,
+        obs_variance_predictor2: Any | None = None,
+        null_genes: int | Sequence[int] | None = None,
+        null_seed: int = 42,
+        fdr_threshold: float = 0.05,
+        gene_names: Sequence[str] | None = None,
+    ):
+        if n_landmarks is not None and int(n_landmarks) < 0:
+            raise ValueError(f"`n_landmarks` must be None or >= 0; got {n_landmarks!r}")
+        if batch_size is None or int(batch_size) < 1:
+            raise ValueError(f"`batch_size` must be a positive int (cells per batch); got {batch_size!r}")
+        self.n_landmarks = n_landmarks
+        self.use_sample_variance = use_sample_variance
+        self.eps = float(eps)
+        self.jit_compile = jit_compile
+        self.function_predictor1 = function_predictor1
+        self.function_predictor2 = function_predictor2
+        self.variance_predictor1 = variance_predictor1
+        self.variance_predictor2 = variance_predictor2
+        self.obs_variance_predictor1 = obs_variance_predictor1
+        self.obs_variance_predictor2 = obs_variance_predictor2
+        self.random_state = random_state
+        self.batch_size = int(batch_size)
+        self.store_arrays_on_disk = store_arrays_on_disk
+        self.disk_storage_dir = disk_storage_dir
+        self.max_memory_ratio = max_memory_ratio
+        self.use_empirical_variance = bool(use_empirical_variance)
+        self.null_genes = null_genes
+        self.null_seed = int(null_seed)
+        self.fdr_threshold = check_ptp_threshold(fdr_threshold, "fdr_threshold")
+        self.gene_names = None if gene_names is None else [str(g) for g in gene_names]
+        self.computed_landmarks: np.ndarray | None = None
+        self.ls: float | None = None
+        self.n_features: int | None = None
+        self.n_genes: int | None = None
+        self.null: Any = None
+        self.mahalanobis_distances: np.ndarray | None = None
+        self.mahalanobis_branch: str | None = None
+        self.null_mahalanobis_distances: np.ndarray | None = None
+        self.fdr_results = None
+
+    # ------------------------------------------------------------------ fit
+    @with_x64
+    def fit(
+        self,
+        X_condition1: Any,
+        y_condition1: Any,
+        X_condition2: Any,
+        y_condition2: Any,
+        sigma: float = 1.0,
+        ls: float | None = None,
+        ls_factor: float = 10.0,
+        landmarks: Any = None,
+        sample_estimator_ls: float | None = None,
+        condition1_sample_indices: Any = None,
+        condition2_sample_indices: Any = None,
+        allow_single_condition_variance: bool = False,
+        **function_kwargs: Any,
+    ) -> "DifferentialExpression":
+        """Fit one expression GP per condition (and per sample, with sample variance).
+
+        Parameters
+        ----------
+        X_condition1, X_condition2 : array (n_cells, n_features)
+            Cell states.
+        y_condition1, y_condition2 : array-like (n_cells, n_genes)
+            Expression (numpy, scipy sparse, dask or zarr), the same genes in both.
+        sigma : float, default 1.0
+            Observation noise standard deviation.
+        ls : float, optional
+            Kernel length scale. ``None``: ``ls_factor · exp(mean ln nn + 3)`` from the
+            nearest-neighbour distances of **condition 1**, used for both conditions
+            (the reference's asymmetric choice, SPEC §6.3).
+        ls_factor : float, default 10.0
+        landmarks : array (M, n_features), optional
+            Shared landmarks; overrides ``n_landmarks``.
+        sample_estimator_ls : float, optional
+            Length scale of the per-sample estimators (default: the models' ``ls``).
+        condition1_sample_indices, condition2_sample_indices : array (n_cells,), optional
+            Sample label of each cell; switch sample variance on.
+        allow_single_condition_variance : bool, default False
+            Use one condition's sample variance for both if the other has < 2 samples.
+        **function_kwargs
+            Passed to :class:`~kompot_dask.FunctionEstimator`.
+
+        Returns
+        -------
+        self
+        """
+        x1, x2 = check_conditions(X_condition1, X_condition2)
+        y1, _ = as_expression(y_condition1, len(x1), "y_condition1")
+        y2, _ = as_expression(y_condition2, len(x2), "y_condition2")
+        g1 = 1 if len(y1.shape) == 1 else y1.shape[1]
+        g2 = 1 if len(y2.shape) == 1 else y2.shape[1]
+        if g1 != g2:
+            msg = (
+                f"`y_condition1` has {g1} genes but `y_condition2` has {g2}; pass the same genes, "
+                "in the same order, for both conditions"
+            )
+            raise ValueError(msg)
+        labels1 = check_sample_labels(condition1_sample_indices, len(x1), "condition1_sample_indices")
+        labels2 = check_sample_labels(condition2_sample_indices, len(x2), "condition2_sample_indices")
+        has_labels = labels1 is not None or labels2 is not None
+        if self.use_sample_variance and not (has_labels or self.variance_predictor1 or self.variance_predictor2):
+            msg = (
+                "use_sample_variance=True needs sample labels: pass `condition1_sample_indices` / "
+                "`condition2_sample_indices` to fit, or variance predictors to the constructor"
+            )
+            raise ValueError(msg)
+        self.n_features, self.n_genes = x1.shape[1], g1
+        if self.gene_names is not None and len(self.gene_names) != g1:
+            raise ValueError(f"`gene_names` has {len(self.gene_names)} names but the expression has {g1} genes")
+        if self.null_genes is not None and not (np.ndim(self.null_genes) == 0 and int(self.null_genes) == 0):
+            self.null = draw_null_genes(y1, y2, self.null_genes, self.null_seed, self.gene_names)
+            y1, y2 = _append_columns(y1, self.null.condition1), _append_columns(y2, self.null.condition2)
+        kwargs = self._function_kwargs(x1, x2, sigma, landmarks, function_kwargs)
+        f32 = bool(kwargs.get("nn_float32", True))
+        if ls is None:
+            ls = _predictor_ls(self.function_predictor1)
+        if ls is None:
+            ls = expression_length_scale(nn_distances(x1, float32=f32), ls_factor, f32, "X_condition1")
+        self.ls = float(ls)
+        kwargs["ls"] = self.ls
+        fitted = []
+        for c, (x, y) in enumerate(((x1, y1), (x2, y2)), start=1):
+            if getattr(self, f"function_predictor{c}") is None:
+                estimator = FunctionEstimator(**kwargs).fit(x, y)
+                setattr(self, f"function_predictor{c}", estimator.predict)
+            fitted.append(getattr(self, f"function_predictor{c}"))
+        sample_kwargs = self._sample_kwargs(kwargs, fitted[0], sample_estimator_ls)
+        if has_labels and self.use_sample_variance is not False:
+            self.variance_predictor1, self.variance_predictor2 = fit_sample_variances(
+                lambda: SampleVarianceEstimator(
+                    eps=self.eps,
+                    estimator_type="function",
+                    store_arrays_on_disk=self.store_arrays_on_disk,
+                    disk_storage_dir=self.disk_storage_dir,
+                ),
+                [(x1, y1, labels1), (x2, y2, labels2)],
+                dict(ls_factor=ls_factor, estimator_kwargs=sample_kwargs),
+                allow_single_condition_variance,
+                given=(self.variance_predictor1, self.variance_predictor2),
+            )
+        if self.use_empirical_variance:
+            for c, (x, y, labels) in enumerate(((x1, y1, labels1), (x2, y2, labels2)), start=1):
+                if getattr(self, f"obs_variance_predictor{c}") is None:
+                    setattr(self, f"obs_variance_predictor{c}", fit_empirical_variance(x, y, labels, sample_kwargs))
+        return self
+
+    def _function_kwargs(self, x1, x2, sigma, landmarks, function_kwargs) -> dict:
+        kwargs: dict[str, Any] = {"sigma": sigma, "predictor_with_uncertainty": True, "n_landmarks": self.n_landmarks}
+        kwargs.update({k: v for k, v in function_kwargs.items() if k != "progress"})
+        if landmarks is not None:
+            self.computed_landmarks = check_landmarks(landmarks, x1.shape[1])
+        elif self.n_landmarks is not None and int(self.n_landmarks) > 0:
+            self.computed_landmarks = compute_landmarks(
+                np.vstack([x1, x2]), "fixed", int(self.n_landmarks), self.random_state
+            )
+        if self.computed_landmarks is not None:
+            kwargs.update(landmarks=self.computed_landmarks, gp_type="fixed")
+        return kwargs
+
+    @staticmethod
+    def _sample_kwargs(kwargs: dict, predictor1: Any, sample_ls: float | None) -> dict:
+        """Per-sample models share landmarks, kernel and noise with the main model (SPEC §11)."""
+        out = dict(kwargs)
+        own = getattr(predictor1, "landmarks", None)
+        if "landmarks" not in out and own is not None:
+            out.update(landmarks=own, gp_type="fixed")
+        if sample_ls is not None:
+            out["ls"] = float(sample_ls)
+        return out
+
+    # -------------------------------------------------------------- predict
+    def _models(self) -> tuple[ConditionModel, ConditionModel]:
+        if self.function_predictor1 is None or self.function_predictor2 is None:
+            raise ValueError("DifferentialExpression is not fitted; call `fit` first")
+        use_sv = self.use_sample_variance is not False
+        return tuple(
+            ConditionModel(
+                getattr(self, f"function_predictor{c}"),
+                getattr(self, f"variance_predictor{c}") if use_sv else None,
+                getattr(self, f"obs_variance_predictor{c}"),
+                self.eps,
+            )
+            for c in (1, 2)
+        )
+
+    def _query(self, x: Any, name: str = "X_new") -> np.ndarray:
+        x = as_cell_states(x, name, min_cells=1)
+        if self.n_features is not None and x.shape[1] != self.n_features:
+            raise ValueError(f"`{name}` has {x.shape[1]} features but the model was fitted on {self.n_features}")
+        return x
+
+    @property
+    def _gene_count(self) -> int:
+        return self.n_genes + (0 if self.null is None else len(self.null.indices))
+
+    @with_x64
+    def predict(
+        self,
+        X_new: Any,
+        compute_mahalanobis: bool = False,
+        progress: bool = True,
+        use_landmarks: bool = True,
+        landmarks_override: Any = None,
+    ) -> dict[str, np.ndarray]:
+        """Imputed expression, fold changes and (optionally) Mahalanobis distances at ``X_new``.
+
+        Parameters
+        ----------
+        X_new : array (n_cells, n_features)
+        compute_mahalanobis : bool, default False
+            Also compute the per-gene Mahalanobis distance and its χ² PTP (and, with null
+            genes, the gene-level FDR).
+        progress : bool
+            Accepted for API compatibility (see :func:`kompot_dask.set_options`).
+        use_landmarks : bool, default True
+            Evaluate the Mahalanobis distance at the landmarks when the model has them.
+        landmarks_override : array (p, n_features), optional
+            Evaluate it at these points instead.
+
+        Returns
+        -------
+        dict
+            ``condition1_imputed``, ``condition2_imputed`` (and Kompot 0.8.0's
+            ``condition1_smoothed``, ``condition2_smoothed``), ``condition1_std``,
+            ``condition2_std``, ``fold_change``, ``fold_change_zscores``,
+            ``mean_log_fold_change``; with Mahalanobis also ``mahalanobis_distances``,
+            ``neg_log10_ptp`` (χ² with ``df`` = number of features, the reference's
+            choice) and ``neg_log10_ptp_df_points`` (``df`` = number of evaluation
+            points); with null genes also ``mahalanobis_pvalue``, ``local_fdr``,
+            ``tail_fdr`` and ``is_de``.
+        """
+        m1, m2 = self._models()
+        x = self._query(X_new)
+        out = self._predict_cells(x, m1, m2)
+        result = {
+            "condition1_imputed": out["mu1"],
+            "condition2_imputed": out["mu2"],
+            "condition1_smoothed": out["mu1"],
+            "condition2_smoothed": out["mu2"],
+            "condition1_std": out["std1"],
+            "condition2_std": out["std2"],
+            "fold_change": out["fc"],
+            "fold_change_zscores": out["z"],
+            "mean_log_fold_change": out["fc"].mean(axis=0),
+        }
+        if compute_mahalanobis:
+            result.update(self._mahalanobis_result(x, use_landmarks, landmarks_override, m1, m2))
+        return result
+
+    def _predict_cells(self, x: np.ndarray, m1: ConditionModel, m2: ConditionModel) -> dict[str, np.ndarray]:
+        """Per (cell batch × gene batch) block; real genes only (nulls never leave the model)."""
+        n, g = len(x), self.n_genes
+        per_gene = m1.per_gene_variance or m2.per_gene_variance
+        batch = get_options()["gene_batch_size"] or g
+        out = {k: np.empty((n, g)) for k in ("mu1", "mu2", "fc", "z")}
+        out.update({k: np.empty((n, g if per_gene else 1)) for k in ("std1", "std2")})
+        for rows in row_slices(n, 1, chunk_rows=self.batch_size):
+            xc = x[rows]
+            c1, c2 = m1.covariance(xc, diag=True), m2.covariance(xc, diag=True)
+            for start in range(0, g, batch):
+                genes = slice(start, min(start + batch, g))
+                mu1, mu2 = m1.mean(xc, genes), m2.mean(xc, genes)
+                t1, t2 = m1.total_variance(xc, genes, c1), m2.total_variance(xc, genes, c2)
+                std1, std2, fc, z = dk.expression_stats(mu1, mu2, t1, t2, self.eps)
+                out["mu1"][rows, genes], out["mu2"][rows, genes] = mu1, mu2
+                out["fc"][rows, genes], out["z"][rows, genes] = fc, z
+                cols = genes if per_gene else slice(0, 1)
+                out["std1"][rows, cols], out["std2"][rows, cols] = std1, std2
+        return out
+
+    def _mahalanobis_result(self, x, use_landmarks, landmarks_override, m1, m2) -> dict[str, np.ndarray]:
+        dist = self.compute_mahalanobis_distances(x, use_landmarks=use_landmarks, landmarks_override=landmarks_override)
+        all_dist = self._all_mahalanobis
+        p = self._mahalanobis_points
+        result = {
+            "mahalanobis_distances": dist,
+            "neg_log10_ptp": mk.chi2_neg_log10_ptp(dist, self.n_features),
+            "neg_log10_ptp_df_points": mk.chi2_neg_log10_ptp(dist, p),
+        }
+        if self.null is not None:
+            self.null_mahalanobis_distances = all_dist[self.n_genes:]
+            self.fdr_results = compute_fdr(dist, self.null_mahalanobis_distances, self.fdr_threshold, self.gene_names)
+            result.update(
+                mahalanobis_pvalue=self.fdr_results["pvalue"].to_numpy(),
+                local_fdr=self.fdr_results["local_fdr"].to_numpy(),
+                tail_fdr=self.fdr_results["tail_fdr"].to_numpy(),
+                is_de=self.fdr_results["is_de"].to_numpy(),
+            )
+        return result
+
+    @with_x64
+    def compute_mahalanobis_distances(
+        self,
+        X: Any,
+        fold_change: Any = None,
+        use_landmarks: bool = True,
+        landmarks_override: Any = None,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """Per-gene Mahalanobis distance of the mean difference (SPEC §6.5).
+
+        Parameters
+        ----------
+        X : array (n_cells, n_features)
+            Cells to evaluate at when no landmarks are used.
+        fold_change : array (n_cells, n_genes), optional
+            Precomputed ``μ2 − μ1`` at ``X`` (used only when evaluating at ``X``).
+        use_landmarks : bool, default True
+            Evaluate at the model's landmarks when it has them.
+        landmarks_override : array (p, n_features), optional
+            Evaluate at these points instead.
+        progress : bool
+            Accepted for API compatibility.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n_genes,) distances; a gene whose covariance is not positive definite is NaN.
+        """
+        m1, m2 = self._models()
+        x = self._query(X, "X")
+        if landmarks_override is not None:
+            landmarks_override = check_landmarks(landmarks_override, self.n_features, "landmarks_override")
+        points, at_x = evaluation_points(x, m1.landmarks, use_landmarks, landmarks_override)
+        g_all = self._gene_count
+        if at_x and fold_change is not None and self.null is None:
+            delta = np.asarray(fold_change, dtype=np.float64)
+        else:
+            delta = m2.mean(points) - m1.mean(points)
+        if delta.shape != (len(points), g_all):
+            raise ValueError(f"`fold_change` must have shape {(len(points), g_all)}; got {delta.shape}")
+        sigma = m1.covariance(points, diag=False) + m2.covariance(points, diag=False)
+        q = sample_factor(m1.variance_predictor, m2.variance_predictor, points, g_all)
+        v = None
+        if m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None:
+            v = np.broadcast_to(m1.obs_variance(points) + m2.obs_variance(points), delta.shape)
+        result = mk.mahalanobis_distances(delta, sigma, self.eps, q=q, empirical_var=v)
+        self._all_mahalanobis = result.distances
+        self._mahalanobis_points = len(points)
+        self.mahalanobis_branch = result.branch
+        self.mahalanobis_distances = result.distances[: self.n_genes]
+        return self.mahalanobis_distances
+
+    def compute_fdr(self, null: Any = None, threshold: float | None = None, combine_with_internal: bool = False):
+        """Gene-level FDR of the last Mahalanobis distances against null distances (SPEC §6.7).
+
+        Parameters
+        ----------
+        null : array_like, optional
+            External null distances; default the internal null genes'.
+        threshold : float, optional
+            Local-FDR threshold (default ``fdr_threshold``).
+        combine_with_internal : bool, default False
+            Use the internal null distances as well as ``null``.
+
+        Returns
+        -------
+        pandas.DataFrame
+        """
+        if self.mahalanobis_distances is None:
+            raise ValueError("compute Mahalanobis distances first (`predict(..., compute_mahalanobis=True)`)")
+        internal = self.null_mahalanobis_distances
+        if null is None and internal is None:
+            raise ValueError("no null distances: pass `null`, or construct with `null_genes=...`")
+        parts = [np.asarray(null, dtype=np.float64)] if null is not None else []
+        if internal is not None and (null is None or combine_with_internal):
+            parts.append(internal)
+        thr = self.fdr_threshold if threshold is None else check_ptp_threshold(threshold, "threshold")
+        self.fdr_results = compute_fdr(self.mahalanobis_distances, np.concatenate(parts), thr, self.gene_names)
+        return self.fdr_results
+
+
+def _predictor_ls(predictor: Any) -> float | None:
+    state = getattr(predictor, "state", None)
+    return None if state is None else float(state.ls)
+
+
+def _append_columns(y: Any, extra: np.ndarray) -> Any:
+    if hasattr(y, "dask"):
+        import dask.array as da
+
+        return da.concatenate([y, da.from_array(extra, chunks=(y.chunks[0], -1))], axis=1)
+    if hasattr(y, "tocsr"):
+        import scipy.sparse
+
+        return scipy.sparse.hstack([y, scipy.sparse.csr_matrix(extra)], format="csr")
+    return np.hstack([np.asarray(y, dtype=np.float64), extra])
