@@ -14,7 +14,8 @@ from ..kernels import density_params as dp
 from ..kernels import differential as dk
 from ..kernels import neighbors as nb
 from ._checks import check_conditions, check_lfc_threshold, check_ptp_threshold, check_sample_labels
-from ._variance import fit_sample_variances, variance_diag
+from ._blocks import abundance_block
+from ._variance import fit_sample_variances
 from .sample_variance import SampleVarianceEstimator
 
 __all__ = ["DifferentialAbundance"]
@@ -238,39 +239,24 @@ class DifferentialAbundance:
             raise ValueError(f"`X_new` has {x.shape[1]} features but the model was fitted on {self.n_features}")
         slices = row_slices(len(x), 1, chunk_rows=self.batch_size) if self.batch_size else [slice(0, len(x))]
         parts = [self._predict_block(x[sl]) for sl in slices]
-        l1, l2, stats = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        lfc, var, z, nl10 = stats.T
-        result = {
-            "log_density_condition1": l1,
-            "log_density_condition2": l2,
-            "log_fold_change": lfc,
-            "log_fold_change_uncertainty": var,
-            "log_fold_change_zscore": z,
-            "neg_log10_fold_change_ptp": nl10,
-            "log_fold_change_direction": dk.directions(lfc, nl10, lfc_thr, ptp_thr),
-        }
+        result = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        nl10 = result["neg_log10_fold_change_ptp"]
+        result["log_fold_change_direction"] = dk.directions(result["log_fold_change"], nl10, lfc_thr, ptp_thr)
         for key, value in result.items():
             setattr(self, key, value)
         self.log_fold_change_ptp = 10.0 ** (-nl10)
         return result
 
-    def _predict_block(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        p1, p2 = self.density_predictor1, self.density_predictor2
-        l1, l2 = p1(x, normalize=True), p2(x, normalize=True)
-        v1, v2 = p1.uncertainty(x, diag=True), p2.uncertainty(x, diag=True)
-        if self._sample_variance_on:
-            if self.variance_predictor1 is not None:
-                v1 = v1 + _flat(variance_diag(self.variance_predictor1, x))
-            if self.variance_predictor2 is not None:
-                v2 = v2 + _flat(variance_diag(self.variance_predictor2, x))
-        return l1, l2, np.column_stack(dk.abundance_stats(l1, l2, v1, v2, self.eps))
+    def _predict_block(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        vp1, vp2 = self.variance_predictors
+        return abundance_block(self.density_predictor1, self.density_predictor2, vp1, vp2, x, self.eps)
 
-
-def _flat(variance: np.ndarray) -> np.ndarray:
-    if variance.ndim != 2 or variance.shape[1] != 1:
-        msg = f"a density variance predictor must return shape (n_cells, 1); got {variance.shape}"
-        raise ValueError(msg)
-    return variance[:, 0]
+    @property
+    def variance_predictors(self) -> tuple[Any, Any]:
+        """The sample-variance predictors in use (None where a condition has none)."""
+        if not self._sample_variance_on:
+            return None, None
+        return self.variance_predictor1, self.variance_predictor2
 
 
 def _synced_parameters(xc: np.ndarray, kwargs: dict) -> tuple[dict[str, float], np.ndarray | None]:

@@ -12,9 +12,9 @@ from ..estimators._inputs import as_cell_states, as_expression, check_landmarks,
 from ..estimators._landmarks import compute_landmarks
 from ..estimators.density import nn_distances
 from ..fdr import compute_fdr
-from ..kernels import differential as dk
 from ..kernels import mahalanobis as mk
 from ..options import get_options
+from ._blocks import expression_block
 from ._checks import check_conditions, check_ptp_threshold, check_sample_labels
 from ._expression_model import ConditionModel, expression_length_scale, fit_empirical_variance
 from ._mahalanobis_inputs import evaluation_points, sample_factor
@@ -363,18 +363,17 @@ class DifferentialExpression:
         batch = get_options()["gene_batch_size"] or g
         out = {k: np.empty((n, g)) for k in ("mu1", "mu2", "fc", "z")}
         out.update({k: np.empty((n, g if per_gene else 1)) for k in ("std1", "std2")})
+        names = dict(mu1="condition1_imputed", mu2="condition2_imputed", fc="fold_change",
+                     z="fold_change_zscores", std1="condition1_std", std2="condition2_std")
         for rows in row_slices(n, 1, chunk_rows=self.batch_size):
             xc = x[rows]
-            c1, c2 = m1.covariance(xc, diag=True), m2.covariance(xc, diag=True)
+            cov = (m1.covariance(xc, diag=True), m2.covariance(xc, diag=True))
             for start in range(0, g, batch):
                 genes = slice(start, min(start + batch, g))
-                mu1, mu2 = m1.mean(xc, genes), m2.mean(xc, genes)
-                t1, t2 = m1.total_variance(xc, genes, c1), m2.total_variance(xc, genes, c2)
-                std1, std2, fc, z = dk.expression_stats(mu1, mu2, t1, t2, self.eps)
-                out["mu1"][rows, genes], out["mu2"][rows, genes] = mu1, mu2
-                out["fc"][rows, genes], out["z"][rows, genes] = fc, z
-                cols = genes if per_gene else slice(0, 1)
-                out["std1"][rows, cols], out["std2"][rows, cols] = std1, std2
+                block = expression_block(m1, m2, xc, genes, self.eps, cov)
+                for short, key in names.items():
+                    cols = genes if per_gene or short not in ("std1", "std2") else slice(0, 1)
+                    out[short][rows, cols] = block[key]
         return out
 
     def _mahalanobis_result(self, x, use_landmarks, landmarks_override, m1, m2) -> dict[str, np.ndarray]:
