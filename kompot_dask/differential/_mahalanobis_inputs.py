@@ -23,25 +23,27 @@ def evaluation_points(
     return x, True
 
 
-def sample_factor(vp1: Any, vp2: Any, points: np.ndarray, n_genes: int) -> np.ndarray | None:
+def sample_factor(vp1: Any, vp2: Any, points: np.ndarray, n_genes: int, genes: slice | None = None) -> np.ndarray | None:
     """``Q`` (p, S1+S2, G) with ``Q_g Q_gᵀ = C1_g + C2_g`` at ``points``, or None.
+
+    ``genes`` restricts it to a batch of ``n_genes`` genes.
 
     A :class:`SampleVarianceEstimator` gives its factor directly. Any other variance
     predictor is asked for its dense covariance (p, p, G), which is factored exactly
     per gene (eigenvectors scaled by the root of the non-negative eigenvalues).
     """
-    factors = [_one_factor(vp, points, n_genes) for vp in (vp1, vp2) if vp is not None]
+    factors = [_one_factor(vp, points, n_genes, genes) for vp in (vp1, vp2) if vp is not None]
     return mk.concat_factors(*factors) if factors else None
 
 
-def _one_factor(predictor: Any, points: np.ndarray, n_genes: int) -> np.ndarray:
-    q = variance_factor(predictor, points)
+def _one_factor(predictor: Any, points: np.ndarray, n_genes: int, genes: slice | None) -> np.ndarray:
+    q = variance_factor(predictor, points, genes)
     if q is None:
         cov = np.asarray(predictor(points, diag=False), dtype=np.float64)
         if cov.ndim != 3 or cov.shape[:2] != (len(points), len(points)):
             msg = f"a variance predictor must return (p, p, G) covariances with diag=False; got {cov.shape}"
             raise ValueError(msg)
-        q = _psd_factor(cov)
+        q = _psd_factor(cov if genes is None else cov[:, :, genes])
     if q.shape[2] != n_genes:
         msg = f"the variance predictor covers {q.shape[2]} genes but the model has {n_genes}"
         raise ValueError(msg)

@@ -1,0 +1,131 @@
+"""Which dask cluster runs the work: never one started at import or behind the user's back.
+
+:func:`get_client` is the one explicit entry point: the active ``distributed.Client`` if
+there is one, a scheduler address if given, otherwise a ``LocalCluster`` sized to the
+machine (only because the caller asked for a client). :func:`active_client` only looks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["JaxWorkerSetup", "active_client", "get_client"]
+
+PLUGIN_NAME = "kompot-dask-jax-setup"
+
+
+class JaxWorkerSetup:
+    """Worker plugin: float64 JAX and a bounded XLA thread pool on every worker.
+
+    kompot_dask's own kernels switch to float64 per call already; the plugin makes the
+    same true for user code running on the workers and stops XLA from oversubscribing
+    cores shared with dask's worker threads.
+
+    Parameters
+    ----------
+    xla_threads : int, optional
+        Threads XLA's CPU backend may use per worker process (default: leave as is).
+    """
+
+    name = PLUGIN_NAME
+
+    def __init__(self, xla_threads: int | None = None):
+        self.xla_threads = xla_threads
+
+    def setup(self, worker: Any = None) -> None:
+        if self.xla_threads:
+            flags = os.environ.get("XLA_FLAGS", "")
+            extra = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={int(self.xla_threads)}"
+            if "intra_op_parallelism_threads" not in flags:
+                os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+
+    def teardown(self, worker: Any = None) -> None:  # pragma: no cover - nothing to undo
+        pass
+
+    def transition(self, key, start, finish, **kwargs) -> None:  # pragma: no cover
+        pass
+
+
+def active_client():
+    """The current ``distributed.Client``, or None (never creates one).
+
+    Only looks if ``distributed`` is already imported: a session without dask.distributed
+    stays without it.
+    """
+    import sys
+
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_client as current
+
+    try:
+        return current()
+    except ValueError:
+        return None
+
+
+def get_client(
+    address: str | None = None,
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int = 1,
+    memory_limit: str | int | None = None,
+    setup_workers: bool = True,
+):
+    """A ``distributed.Client`` to run kompot_dask on.
+
+    Parameters
+    ----------
+    address : str, optional
+        Scheduler address (``tcp://host:8786``). Without it the active client is used,
+        or else a local cluster of worker processes is started.
+    n_workers : int, optional
+        Worker processes of a new local cluster (default: one per core).
+    threads_per_worker : int, default 1
+        Threads per worker process of a new local cluster.
+    memory_limit : str or int, optional
+        Memory limit per worker of a new local cluster (e.g. ``"5GB"``).
+    setup_workers : bool, default True
+        Register :class:`JaxWorkerSetup` on the workers.
+
+    Returns
+    -------
+    distributed.Client
+    """
+    from distributed import Client, LocalCluster
+
+    client = active_client() if address is None else None
+    if client is None and address is not None:
+        client = Client(address)
+    if client is None:
+        workers = n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            memory_limit=memory_limit if memory_limit is not None else "auto",
+        )
+        client = Client(cluster)
+    if setup_workers:
+        client.register_plugin(_as_plugin(JaxWorkerSetup(threads_per_worker)), name=PLUGIN_NAME)
+    return client
+
+
+def _as_plugin(setup: JaxWorkerSetup):
+    """Wrap the setup as a real ``WorkerPlugin`` (distributed imported only here)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _Plugin(WorkerPlugin):
+        name = PLUGIN_NAME
+
+        def __init__(self, xla_threads):
+            self.xla_threads = xla_threads
+
+        def setup(self, worker):
+            JaxWorkerSetup(self.xla_threads).setup(worker)
+
+    return _Plugin(setup.xla_threads)
