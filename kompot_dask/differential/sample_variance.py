@@ -156,20 +156,33 @@ class SampleVarianceEstimator:
         if "ls" not in kwargs:
             kwargs["ls_factor"] = ls_factor
         self.group_predictors, self.group_sizes, self.group_parameters = {}, {}, {}
+        jobs = []
         for g in kept:
             rows = np.flatnonzero(labels == g)
-            est = self._fit_one(x[rows], None if Y is None else take_rows(Y, rows), kwargs)
-            self.group_predictors[g] = est.predict
-            self.group_sizes[g] = len(rows)
-            self.group_parameters[g] = _scalars(est)
+            jobs.append((g, x[rows], None if Y is None else take_rows(Y, rows)))
+        for (g, xs, _), (predictor, scalars) in zip(jobs, self._fit_all(jobs, kwargs)):
+            self.group_predictors[g] = predictor
+            self.group_sizes[g] = len(xs)
+            self.group_parameters[g] = scalars
         self.n_groups = len(kept)
         return self
 
-    def _fit_one(self, x: np.ndarray, y: Any, kwargs: dict):
-        if self.estimator_type == "function":
-            return FunctionEstimator(**kwargs).fit(x, y)
-        params = {"d_method": "fractal", "predictor_with_uncertainty": True, **kwargs}
-        return DensityEstimator(**params).fit(x)
+    def _fit_all(self, jobs: list, kwargs: dict) -> list:
+        """Fit every sample: one task each on the active dask client, else one after another."""
+        from ..parallel.cluster import active_client
+
+        client = active_client()
+        if client is None:
+            return [_fit_group(self.estimator_type, xs, ys, kwargs) for _, xs, ys in jobs]
+        from ..parallel.results import fingerprint
+
+        token = fingerprint(self.estimator_type, kwargs, [xs for _, xs, _ in jobs])[:10]
+        futures = [
+            client.submit(_fit_group, self.estimator_type, xs, ys, kwargs,
+                          key=f"kompot-fit-sample-{self.estimator_type}-{g}-{token}")
+            for g, xs, ys in jobs
+        ]
+        return client.gather(futures)
 
     def _require_fitted(self) -> None:
         if self.n_groups < 2:
@@ -269,6 +282,15 @@ class SampleVarianceEstimator:
             )
             raise MemoryError(msg)
         return np.einsum("asg,bsg->abg", q, q)
+
+
+def _fit_group(estimator_type: str, x: np.ndarray, y: Any, kwargs: dict):
+    """Fit one sample's estimator; return its predictor and scalars (runs on a worker)."""
+    if estimator_type == "function":
+        est = FunctionEstimator(**kwargs).fit(x, y)
+    else:
+        est = DensityEstimator(**{"d_method": "fractal", "predictor_with_uncertainty": True, **kwargs}).fit(x)
+    return est.predict, _scalars(est)
 
 
 def _scalars(estimator) -> dict[str, float]:

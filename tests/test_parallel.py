@@ -1,0 +1,183 @@
+"""The engine: same numbers in memory, in zarr stores and on a multi-process cluster; resume; faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import load_case
+import kompot_dask as kd
+from kompot_dask.parallel import predict_abundance, predict_expression
+from kompot_dask.parallel import predict as engine
+
+TOL = dict(rtol=1e-8, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return load_case("de_class")
+
+
+def _labels(case):
+    return dict(condition1_sample_indices=case["in_condition1_sample_indices"],
+                condition2_sample_indices=case["in_condition2_sample_indices"])
+
+
+def _fit_de(case):
+    return kd.DifferentialExpression(null_genes=25).fit(
+        case["in_X_condition1"], case["in_Y_condition1"], case["in_X_condition2"], case["in_Y_condition2"],
+        landmarks=case["in_landmarks"], **_labels(case))
+
+
+def _fit_da(case):
+    return kd.DifferentialAbundance().fit(case["in_X_condition1"], case["in_X_condition2"],
+                                          landmarks=case["in_landmarks"], **_labels(case))
+
+
+@pytest.fixture(scope="module")
+def de_model(case):
+    return _fit_de(case)
+
+
+@pytest.fixture(scope="module")
+def de_reference(case, de_model):
+    return de_model.predict(case["in_X_predict"], compute_mahalanobis=True)
+
+
+@pytest.fixture(scope="module")
+def da_model(case):
+    return _fit_da(case)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="3GB",
+                                  dashboard_address=":0") as lc:
+        yield lc
+
+
+def _assert_same(ds, reference, keys=None):
+    for key in keys or reference:
+        if key in ds:
+            got, want = ds[key].values, np.asarray(reference[key])
+            if want.dtype == object or want.dtype == bool:
+                np.testing.assert_array_equal(got.astype(want.dtype), want, err_msg=key)
+            else:
+                np.testing.assert_allclose(got, want, err_msg=key, **TOL)
+
+
+@pytest.mark.parametrize("cell_chunk, gene_batch", [(250, 40), (37, 9)])
+def test_expression_store_matches_in_memory(case, de_model, de_reference, tmp_path, cell_chunk, gene_batch):
+    ds = predict_expression(de_model, case["in_X_predict"], str(tmp_path / "de.zarr"),
+                            cell_chunk=cell_chunk, gene_batch=gene_batch)
+    assert ds.attrs["kompot_dask"]["complete"]
+    assert ds["fold_change"].dims == ("cell", "gene") and ds["fold_change"].chunks[0][0] == cell_chunk
+    _assert_same(ds, de_reference)
+    assert set(de_reference) - set(ds) == {"condition1_smoothed", "condition2_smoothed"}
+
+
+def test_float32_layers(case, de_model, de_reference, tmp_path):
+    ds = predict_expression(de_model, case["in_X_predict"], str(tmp_path / "de32.zarr"), dtype="float32",
+                            compute_mahalanobis=False)
+    assert ds["condition1_imputed"].dtype == np.float32
+    np.testing.assert_allclose(ds["condition1_imputed"].values, de_reference["condition1_imputed"], rtol=1e-6)
+
+
+def test_abundance_store_matches_in_memory(case, da_model, tmp_path):
+    reference = da_model.predict(case["in_X_predict"])
+    ds = predict_abundance(da_model, case["in_X_predict"], str(tmp_path / "da.zarr"), cell_chunk=77)
+    _assert_same(ds, reference)
+
+
+def test_multiprocess_cluster_gives_the_same_numbers(case, de_reference, da_model, cluster, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(cluster) as client:
+        with distributed.get_task_stream(client) as stream:
+            de = _fit_de(case)  # per-sample fits run as tasks on the workers
+            da = _fit_da(case)
+        ds = predict_expression(de, case["in_X_predict"], str(tmp_path / "de.zarr"), cell_chunk=64,
+                                gene_batch=16, client=client)
+        dsa = predict_abundance(da, case["in_X_predict"], str(tmp_path / "da.zarr"), cell_chunk=500, client=client)
+    sample_tasks = {t["key"] for t in stream.data if str(t["key"]).startswith("kompot-fit-sample-")}
+    _assert_same(ds, de_reference)
+    reference = da_model.predict(case["in_X_predict"])
+    # Density fits are L-BFGS optima: identical inputs and arithmetic give identical paths.
+    _assert_same(dsa, reference)
+    assert len(sample_tasks) == 12  # 3 + 3 samples for DE and for DA, each its own named task
+    assert da.variance_predictor1.group_parameters == da_model.variance_predictor1.group_parameters
+
+
+def test_interrupted_run_resumes_without_recomputing(case, de_model, de_reference, tmp_path, monkeypatch):
+    path = str(tmp_path / "de.zarr")
+    calls = {"n": 0}
+    real_block = engine.expression_block
+
+    def failing_block(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_block(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "expression_block", failing_block)
+    with pytest.raises(KeyboardInterrupt):
+        predict_expression(de_model, case["in_X_predict"], path, cell_chunk=50, gene_batch=20)
+    group = zarr.open_group(path, mode="r")
+    assert group.attrs["kompot_dask"]["complete"] is False
+    assert int(group["_done_cells"][...].sum()) == 5
+    monkeypatch.setattr(engine, "expression_block", real_block)
+    ds = predict_expression(de_model, case["in_X_predict"], path, cell_chunk=50, gene_batch=20)
+    meta = ds.attrs["kompot_dask"]
+    assert meta["complete"] and meta["blocks_total"] == 10
+    n_maha = len(range(0, de_model._gene_count, 20))
+    assert meta["blocks_computed_last_run"] == 10 - 5 + n_maha
+    _assert_same(ds, de_reference)
+
+
+def test_other_inputs_never_touch_an_existing_store(case, de_model, tmp_path):
+    path = str(tmp_path / "de.zarr")
+    ds = predict_expression(de_model, case["in_X_predict"], path, compute_mahalanobis=False)
+    before = ds["fold_change"].values.copy()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        predict_expression(de_model, case["in_X_predict"][:100], path, compute_mahalanobis=False)
+    again = zarr.open_group(path, mode="r")
+    np.testing.assert_array_equal(again["fold_change"][...], before)
+    assert again.attrs["kompot_dask"]["complete"] is True
+    # A complete store with the same inputs is reused as it is.
+    ds2 = predict_expression(de_model, case["in_X_predict"], path, compute_mahalanobis=False)
+    assert ds2.attrs["kompot_dask"]["blocks_computed_last_run"] == 0
+
+
+def test_killed_worker_still_gives_identical_results(case, de_model, de_reference, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    path = str(tmp_path / "de.zarr")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="3GB",
+                                  dashboard_address=":0") as lc, distributed.Client(lc) as client:
+        pids = list(client.run(os.getpid).values())
+        killed = {}
+
+        def killer():
+            deadline = time.time() + 120
+            while time.time() < deadline and not killed:
+                try:
+                    done = int(zarr.open_group(path, mode="r")["_done_cells"][...].sum())
+                except Exception:
+                    done = 0
+                if done >= 3:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed["at"] = done
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        ds = predict_expression(de_model, case["in_X_predict"], path, cell_chunk=10, gene_batch=10, client=client)
+        thread.join()
+    assert killed, "the worker was not killed during the run"
+    assert killed["at"] < ds.attrs["kompot_dask"]["blocks_total"]
+    _assert_same(ds, de_reference)
