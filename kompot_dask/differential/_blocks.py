@@ -12,7 +12,18 @@ import numpy as np
 
 from ..kernels import differential as dk
 
-__all__ = ["abundance_block", "expression_block"]
+__all__ = ["ABUNDANCE_KEYS", "EXPRESSION_KEYS", "STD_KEYS", "abundance_block", "expression_block"]
+
+ABUNDANCE_KEYS = (
+    "log_density_condition1",
+    "log_density_condition2",
+    "log_fold_change",
+    "log_fold_change_uncertainty",
+    "log_fold_change_zscore",
+    "neg_log10_fold_change_ptp",
+)
+EXPRESSION_KEYS = ("condition1_imputed", "condition2_imputed", "fold_change", "fold_change_zscores")
+STD_KEYS = ("condition1_std", "condition2_std")
 
 
 def abundance_block(p1, p2, vp1, vp2, x: np.ndarray, eps: float) -> dict[str, np.ndarray]:

@@ -8,7 +8,13 @@ import numpy as np
 
 from ..estimators._inputs import as_cell_states
 
-__all__ = ["check_conditions", "check_sample_labels", "check_lfc_threshold", "check_ptp_threshold"]
+__all__ = [
+    "check_conditions",
+    "check_sample_labels",
+    "check_sample_variance_request",
+    "check_lfc_threshold",
+    "check_ptp_threshold",
+]
 
 
 def check_conditions(x1: Any, x2: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +48,16 @@ def check_sample_labels(labels: Any, n_cells: int, name: str) -> np.ndarray | No
         msg = f"`{name}` contains None labels; give every cell a sample label"
         raise ValueError(msg)
     return arr
+
+
+def check_sample_variance_request(use_sample_variance: bool | None, available: bool) -> None:
+    """``use_sample_variance=True`` needs sample labels or injected variance predictors."""
+    if use_sample_variance and not available:
+        msg = (
+            "use_sample_variance=True needs sample labels: pass `condition1_sample_indices` / "
+            "`condition2_sample_indices` to fit, or variance predictors to the constructor"
+        )
+        raise ValueError(msg)
 
 
 def check_lfc_threshold(value: Any, name: str = "log_fold_change_threshold") -> float:

@@ -13,22 +13,18 @@ from ..estimators._landmarks import compute_landmarks
 from ..kernels import density_params as dp
 from ..kernels import differential as dk
 from ..kernels import neighbors as nb
-from ._checks import check_conditions, check_lfc_threshold, check_ptp_threshold, check_sample_labels
+from ._checks import (
+    check_conditions,
+    check_lfc_threshold,
+    check_ptp_threshold,
+    check_sample_labels,
+    check_sample_variance_request,
+)
 from ._blocks import abundance_block
 from ._variance import fit_sample_variances
 from .sample_variance import SampleVarianceEstimator
 
 __all__ = ["DifferentialAbundance"]
-
-RESULT_KEYS = (
-    "log_density_condition1",
-    "log_density_condition2",
-    "log_fold_change",
-    "log_fold_change_uncertainty",
-    "log_fold_change_zscore",
-    "neg_log10_fold_change_ptp",
-    "log_fold_change_direction",
-)
 
 
 class DifferentialAbundance:
@@ -155,12 +151,7 @@ class DifferentialAbundance:
         labels2 = check_sample_labels(condition2_sample_indices, len(x2), "condition2_sample_indices")
         has_labels = labels1 is not None or labels2 is not None
         given_variance = self.variance_predictor1 is not None or self.variance_predictor2 is not None
-        if self.use_sample_variance and not (has_labels or given_variance):
-            msg = (
-                "use_sample_variance=True needs sample labels: pass `condition1_sample_indices` / "
-                "`condition2_sample_indices` to fit, or variance predictors to the constructor"
-            )
-            raise ValueError(msg)
+        check_sample_variance_request(self.use_sample_variance, has_labels or given_variance)
         kwargs = self._estimator_kwargs(x1, x2, landmarks, ls_factor, density_kwargs)
         if sync_parameters:
             self.synced_parameters, self.synced_nn_distances = _synced_parameters(np.vstack([x1, x2]), kwargs)

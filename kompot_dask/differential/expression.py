@@ -15,7 +15,7 @@ from ..fdr import compute_fdr
 from ..kernels import mahalanobis as mk
 from ..options import get_options
 from ._blocks import expression_block
-from ._checks import check_conditions, check_ptp_threshold, check_sample_labels
+from ._checks import check_conditions, check_ptp_threshold, check_sample_labels, check_sample_variance_request
 from ._expression_model import ConditionModel, expression_length_scale, fit_empirical_variance
 from ._mahalanobis_inputs import evaluation_points, sample_factor
 from ._null_genes import draw_null_genes
@@ -207,12 +207,8 @@ class DifferentialExpression:
         labels1 = check_sample_labels(condition1_sample_indices, len(x1), "condition1_sample_indices")
         labels2 = check_sample_labels(condition2_sample_indices, len(x2), "condition2_sample_indices")
         has_labels = labels1 is not None or labels2 is not None
-        if self.use_sample_variance and not (has_labels or self.variance_predictor1 or self.variance_predictor2):
-            msg = (
-                "use_sample_variance=True needs sample labels: pass `condition1_sample_indices` / "
-                "`condition2_sample_indices` to fit, or variance predictors to the constructor"
-            )
-            raise ValueError(msg)
+        given_variance = self.variance_predictor1 is not None or self.variance_predictor2 is not None
+        check_sample_variance_request(self.use_sample_variance, has_labels or given_variance)
         self.n_features, self.n_genes = x1.shape[1], g1
         if self.gene_names is not None and len(self.gene_names) != g1:
             raise ValueError(f"`gene_names` has {len(self.gene_names)} names but the expression has {g1} genes")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .._jax import x64
-from ..differential._blocks import abundance_block, expression_block
+from ..differential._blocks import ABUNDANCE_KEYS, EXPRESSION_KEYS, STD_KEYS, abundance_block, expression_block
 from ..differential._mahalanobis_inputs import evaluation_points, sample_factor
 from ..estimators._inputs import as_cell_states, check_landmarks, row_slices
 from ..fdr import compute_fdr
@@ -25,17 +25,6 @@ from .results import ResultStore, fingerprint, mark_block_done, write_block
 from .runner import resolve_client, run_tasks
 
 __all__ = ["predict_abundance", "predict_expression"]
-
-ABUNDANCE_KEYS = (
-    "log_density_condition1",
-    "log_density_condition2",
-    "log_fold_change",
-    "log_fold_change_uncertainty",
-    "log_fold_change_zscore",
-    "neg_log10_fold_change_ptp",
-)
-EXPRESSION_KEYS = ("condition1_imputed", "condition2_imputed", "fold_change", "fold_change_zscores")
-STD_KEYS = ("condition1_std", "condition2_std")
 
 
 def _model_token(*predictors: Any) -> str:

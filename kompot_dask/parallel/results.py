@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class ResultStore:
     """Results of one run in a zarr group at ``path``.
 
     Use :meth:`open_or_create`; then :meth:`add_array` for every output, :meth:`pending`
-    to list blocks still to do, :meth:`mark_done` after each block's writes and
+    to list blocks still to do, :func:`mark_block_done` after each block's writes and
     :meth:`finish` at the very end.
     """
 
@@ -115,11 +115,6 @@ class ResultStore:
         """Block indices of ``stage`` whose marker is not set."""
         done = self.group[f"_done_{stage}"][...]
         return [tuple(int(i) for i in idx) for idx in np.argwhere(done == 0)]
-
-    def mark_done(self, stage: str, index: Iterable[int]) -> None:
-        """Set the marker of one block (call after the block's data are written)."""
-        arr = self.group[f"_done_{stage}"]
-        arr[tuple(slice(i, i + 1) for i in index)] = 1
 
     def finish(self, **meta: Any) -> None:
         """Record ``meta`` and mark the store complete (the last write of a run)."""
