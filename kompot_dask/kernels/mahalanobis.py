@@ -345,7 +345,7 @@ def select_branch(p: int, ratio: float, sample_variance: bool, empirical_varianc
     return BRANCH_FACTOR_TRICK if empirical_variance else BRANCH_SHARED
 
 
-def mahalanobis_distances(delta, sigma, eps: float = 1e-8, q=None, empirical_var=None):
+def mahalanobis_distances(delta, sigma, eps: float = 1e-8, q=None, empirical_var=None, lower=None):
     """Per-gene distances with the reference's branch choice (SPEC §6.5), all in memory.
 
     Sample variance uses the exact Woodbury form; with empirical variance as well there is
@@ -365,6 +365,8 @@ def mahalanobis_distances(delta, sigma, eps: float = 1e-8, q=None, empirical_var
         Sample-variance factor.
     empirical_var : array_like, (p, G), optional
         Empirical diagonal ``max(ν1, eps) + max(ν2, eps)``.
+    lower : array_like, (p, p), optional
+        ``shared_cholesky(sigma, eps)`` computed once elsewhere (gene batches share it).
 
     Returns
     -------
@@ -372,7 +374,7 @@ def mahalanobis_distances(delta, sigma, eps: float = 1e-8, q=None, empirical_var
     """
     delta, sigma, q, v = _check(delta, sigma, "sigma", q=q, v=empirical_var)
     branch = select_branch(sigma.shape[0], diag_ratio(sigma), q is not None, v is not None)
-    result = _dispatch(delta, sigma, eps, q, v, branch)
+    result = _dispatch(delta, sigma, eps, q, v, branch, lower)
     dist = np.where(np.isfinite(result.distances), result.distances, np.nan)
     bad = int(np.sum(np.isnan(dist)))
     if bad:
@@ -384,12 +386,12 @@ def mahalanobis_distances(delta, sigma, eps: float = 1e-8, q=None, empirical_var
     return MahalanobisResult(dist, result.branch)
 
 
-def _dispatch(delta, sigma, eps, q, v, branch) -> MahalanobisResult:
+def _dispatch(delta, sigma, eps, q, v, branch, lower=None) -> MahalanobisResult:
     if branch == BRANCH_DIAGONAL:
         return MahalanobisResult(mahalanobis_diagonal(np.diag(sigma), delta, eps), branch)
     if branch == BRANCH_DENSE:
         return MahalanobisResult(mahalanobis_dense_reference(sigma, delta, q, eps, v), branch)
-    lower = shared_cholesky(sigma, eps)
+    lower = shared_cholesky(sigma, eps) if lower is None else np.asarray(lower, dtype=np.float64)
     if cholesky_failed(lower):
         if q is None:  # JAX gives NaN silently; the reference's distances are all NaN
             return MahalanobisResult(np.full(delta.shape[1], np.nan), branch)

@@ -150,7 +150,7 @@ def _expression_task(model, x_chunk, rows, genes, index, path, per_gene):
     return index
 
 
-def _mahalanobis_task(model, points, sigma, genes, index, path):
+def _mahalanobis_task(model, points, sigma, lower, genes, index, path):
     with x64():
         m1, m2 = model._models()
         delta = m2.mean(points, genes) - m1.mean(points, genes)
@@ -159,7 +159,7 @@ def _mahalanobis_task(model, points, sigma, genes, index, path):
         v = None
         if m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None:
             v = np.broadcast_to(m1.obs_variance(points, genes) + m2.obs_variance(points, genes), delta.shape)
-        result = mk.mahalanobis_distances(delta, sigma, model.eps, q=q, empirical_var=v)
+        result = mk.mahalanobis_distances(delta, sigma, model.eps, q=q, empirical_var=v, lower=lower)
     write_block(path, "_mahalanobis_all", (genes,), result.distances)
     mark_block_done(path, "mahalanobis", index)
     return result.branch
@@ -243,19 +243,23 @@ def predict_expression(
         all_batches = [slice(a, min(a + batch, g_all)) for a in range(0, g_all, batch)]
         out.add_array("_mahalanobis_all", (g_all,), (batch,), ("gene_all",))
         out.add_stage("mahalanobis", (len(all_batches),))
+        has_sv = m1.variance_predictor is not None or m2.variance_predictor is not None
+        has_ev = m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None
         with x64():
             sigma = m1.covariance(points, diag=False) + m2.covariance(points, diag=False)
-        shared_sigma = client.scatter(sigma, broadcast=True) if client is not None else sigma
+            branch = mk.select_branch(len(points), mk.diag_ratio(sigma), has_sv, has_ev)
+            # One Cholesky for every gene batch (the branches that use a shared factor).
+            shared_branch = branch in (mk.BRANCH_SHARED, mk.BRANCH_FACTOR_TRICK, mk.BRANCH_WOODBURY)
+            lower = mk.shared_cholesky(sigma, model.eps) if shared_branch else None
+        sigma_f, lower_f = (client.scatter([sigma, lower], broadcast=True) if client is not None
+                            else (sigma, lower))
         maha = [
             (f"kompot-mahalanobis-genes-{j}-{token[:10]}", _mahalanobis_task,
-             (shared, points, shared_sigma, all_batches[j], (j,), out.path))
+             (shared, points, sigma_f, lower_f, all_batches[j], (j,), out.path))
             for (j,) in out.pending("mahalanobis")
         ]
         computed += len(maha)
         tasks += maha
-        branch = mk.select_branch(len(points), mk.diag_ratio(sigma), m1.variance_predictor is not None
-                                  or m2.variance_predictor is not None, m1.obs_variance_predictor is not None
-                                  or m2.obs_variance_predictor is not None)
     run_tasks(tasks, client)
     _finish_expression(model, out, len(x), batch, len(points), compute_mahalanobis)
     out.finish(blocks_total=len(cells) * len(genes), blocks_computed_last_run=computed, mahalanobis_branch=branch)
