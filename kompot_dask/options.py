@@ -29,6 +29,7 @@ _VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "chunk_memory_bytes": (_positive_int, "a positive int (bytes for one cells x landmarks block)"),
     "gene_batch_size": (_positive_int_or_none, "None or a positive int (genes per batch)"),
     "progress": (lambda v: isinstance(v, bool), "a bool"),
+    "fit_on_cluster": (lambda v: isinstance(v, bool), "a bool"),
 }
 
 _OPTIONS: dict[str, Any] = {
@@ -36,6 +37,7 @@ _OPTIONS: dict[str, Any] = {
     "chunk_memory_bytes": 128 * 2**20,
     "gene_batch_size": None,
     "progress": False,
+    "fit_on_cluster": True,
 }
 
 
@@ -59,6 +61,10 @@ class set_options:
         Genes per batch in predictions (``None``: all genes at once).
     progress : bool
         Show progress bars.
+    fit_on_cluster : bool
+        With an active ``distributed.Client``, evaluate the density fit's objective (and
+        its other sums over cells) as one task per cell chunk on the workers (default
+        True). Numbers are identical either way.
     """
 
     def __init__(self, **kwargs: Any) -> None:

@@ -114,6 +114,31 @@ def test_multiprocess_cluster_gives_the_same_numbers(case, de_reference, da_mode
     assert da.variance_predictor1.group_parameters == da_model.variance_predictor1.group_parameters
 
 
+def test_density_fit_reduces_over_chunks_on_the_workers(case, cluster):
+    """Condition-level density fits evaluate their objective as one task per cell chunk."""
+    distributed = pytest.importorskip("distributed")
+    x1 = case["in_X_condition1"]
+    with kd.set_options(cell_chunk_size=61):
+        local = kd.DensityEstimator(landmarks=case["in_landmarks"], d_method="fractal", ls_factor=10,
+                                    predictor_with_uncertainty=True).fit(x1)
+        with distributed.Client(cluster) as client, distributed.get_task_stream(client) as stream:
+            remote = kd.DensityEstimator(landmarks=case["in_landmarks"], d_method="fractal", ls_factor=10,
+                                         predictor_with_uncertainty=True).fit(x1)
+    keys = [str(t["key"]) for t in stream.data]
+    n_chunks = -(-len(x1) // 61)
+    evaluations = remote.optimizer_result.nfev
+    assert sum(k.startswith("kompot-density-loglik-grad-") for k in keys) == n_chunks * evaluations
+    assert sum(k.startswith("kompot-density-gram-rhs-") for k in keys) == n_chunks
+    assert sum(k.startswith("kompot-density-hessian-diag-") for k in keys) == n_chunks
+    workers = {t["worker"] for t in stream.data if str(t["key"]).startswith("kompot-density-loglik-grad-")}
+    assert len(workers) == 2
+    assert remote.optimizer_result.nit == local.optimizer_result.nit
+    np.testing.assert_allclose(remote.pre_transformation, local.pre_transformation, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(remote.pre_transformation_std, local.pre_transformation_std, rtol=1e-10)
+    np.testing.assert_allclose(remote.predict(case["in_X_predict"]), local.predict(case["in_X_predict"]),
+                               rtol=1e-10)
+
+
 def test_interrupted_run_resumes_without_recomputing(case, de_model, de_reference, tmp_path, monkeypatch):
     path = str(tmp_path / "de.zarr")
     calls = {"n": 0}

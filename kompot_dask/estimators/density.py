@@ -12,7 +12,7 @@ from ..kernels import density as dk
 from ..kernels import density_params as dp
 from ..kernels import linalg as la
 from ..kernels import neighbors as nb
-from ._basis import FullBasis, LandmarkBasis, sum_over_chunks
+from ._chunks import DensityChunk, LocalChunks, Prior, gram_rhs, hessian_diag, loglik_grad, open_reducer
 from ._inputs import as_cell_states, check_landmarks, check_positive, row_slices
 from ._landmarks import resolve_inducing
 from ._predictor import ChunkedPredictor
@@ -102,19 +102,18 @@ class DensityPredictor(ChunkedPredictor):
 class _Objective:
     """Negative log posterior of ``z`` and its gradient, summed over cell chunks (§2.4)."""
 
-    def __init__(self, basis, slices, mu: float, v: np.ndarray, vd: np.ndarray):
-        self.basis, self.slices, self.mu, self.v, self.vd = basis, slices, mu, v, vd
+    def __init__(self, reducer, prior, lp: np.ndarray, landmark: bool, mu: float):
+        self.reducer, self.prior, self.lp, self.landmark, self.mu = reducer, prior, lp, landmark, mu
+        self.evaluations = 0
 
     @with_x64
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
-        w = self.basis.to_weights(z)
-
-        def part(sl):
-            return dk.chunk_loglik_grad(self.basis.block(sl), w, self.mu, self.v[sl], self.vd[sl])
-
-        loglik, grad_w = sum_over_chunks(part, self.slices)
-        grad = np.asarray(z) - np.asarray(self.basis.to_latent(grad_w))
-        return dk.loss_value(np.asarray(z), loglik), grad
+        z = np.asarray(z, dtype=np.float64)
+        w = np.asarray(la.solve_upper_t(self.lp, z)) if self.landmark else z
+        loglik, grad_w = self.reducer.reduce(loglik_grad, self.prior, w, self.mu)
+        grad_z = np.asarray(la.solve_lower(self.lp, grad_w)) if self.landmark else grad_w
+        self.evaluations += 1
+        return dk.loss_value(z, loglik), z - grad_z
 
 
 class DensityEstimator:
@@ -254,32 +253,35 @@ class DensityEstimator:
     def _fit_latent(self, x: np.ndarray) -> None:
         full = self.gp_type == "full"
         inducing = x if full else self.landmarks
-        lp = la.checked(la.prior_cholesky(inducing, self.ls, self.jitter), "K_ZZ + jitter*I")
-        basis = FullBasis(lp) if full else LandmarkBasis(x, inducing, lp, self.ls)
-        slices = row_slices(len(x), len(inducing))
-        v, vd = dp.likelihood_terms(self.nn_distances, self.d, self.nn_float32)
-        target = dp.nn_log_density_mle(self.nn_distances, self.d, self.nn_float32) - self.mu
-        gram, rhs = sum_over_chunks(lambda sl: dk.chunk_gram_rhs(basis.factor_block(sl), target[sl]), slices)
-        self.initial_value = np.asarray(dk.ridge_solve(gram, rhs))
-        self._objective = _Objective(basis, slices, self.mu, v, vd)
-        result = scipy.optimize.minimize(
-            self._objective,
-            self.initial_value,
-            jac=True,
-            method="L-BFGS-B",
-            tol=None,
-            options={"maxiter": self.maxiter},
-        )
+        lp = np.asarray(la.checked(la.prior_cholesky(inducing, self.ls, self.jitter), "K_ZZ + jitter*I"))
+        chunks = self._chunks(x, lp, full)
+        prior = Prior(None if full else np.asarray(inducing), lp, float(self.ls))
+        with open_reducer(chunks, "density") as reducer:
+            shared = reducer.share(prior)
+            gram, rhs = reducer.reduce(gram_rhs, shared)
+            self.initial_value = np.asarray(dk.ridge_solve(gram, rhs))
+            objective = _Objective(reducer, shared, lp, not full, float(self.mu))
+            result = scipy.optimize.minimize(
+                objective,
+                self.initial_value,
+                jac=True,
+                method="L-BFGS-B",
+                tol=None,
+                options={"maxiter": self.maxiter},
+            )
+            z = np.asarray(result.x, dtype=np.float64)
+            s = None
+            if self.predictor_with_uncertainty:
+                (h_diag,) = reducer.reduce(hessian_diag, shared, z, float(self.mu))
+                s = np.asarray(dk.laplace_std(h_diag))
         self.optimizer_result = result
-        z = np.asarray(result.x, dtype=np.float64)
-        s = None
-        if self.predictor_with_uncertainty:
-            s = np.asarray(dk.laplace_std(self._hessian_data_diag(basis, slices, z, v)))
+        # Kept for loss_and_gradient(): a local objective over views of the training cells.
+        self._objective = _Objective(LocalChunks(chunks), prior, lp, not full, float(self.mu))
         self.pre_transformation, self.pre_transformation_std = z, s
         self.predict = DensityPredictor(
             DensityState(
                 inducing=np.asarray(inducing),
-                lp=np.asarray(lp),
+                lp=lp,
                 weights=np.asarray(la.solve_upper_t(lp, z)),  # Lp^-T z in both modes
                 s=s,
                 mu=float(self.mu),
@@ -288,14 +290,16 @@ class DensityEstimator:
             )
         )
 
-    def _hessian_data_diag(self, basis, slices, z: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """``diag(L^T diag(exp(f + V)) L)``, summed over chunks of factor rows (§2.7)."""
-
-        def part(sl):
-            lc = basis.factor_block(sl)
-            return (dk.chunk_weighted_sq_colsum(lc, dk.chunk_intensity(lc, z, self.mu, v[sl])),)
-
-        return np.asarray(sum_over_chunks(part, slices)[0])
+    def _chunks(self, x: np.ndarray, lp: np.ndarray, full: bool) -> list[DensityChunk]:
+        """The training cells cut into chunks, with their likelihood terms and ridge target."""
+        v, vd = dp.likelihood_terms(self.nn_distances, self.d, self.nn_float32)
+        target = dp.nn_log_density_mle(self.nn_distances, self.d, self.nn_float32) - self.mu
+        v, vd, target = np.asarray(v), np.asarray(vd), np.asarray(target)
+        m = len(x) if full else len(self.landmarks)
+        return [
+            DensityChunk(None if full else x[sl], lp[sl] if full else None, v[sl], vd[sl], target[sl])
+            for sl in row_slices(len(x), m)
+        ]
 
     @with_x64
     def loss_and_gradient(self, z: Any) -> tuple[float, np.ndarray]:

@@ -54,13 +54,21 @@ def active_client():
     """The current ``distributed.Client``, or None (never creates one).
 
     Only looks if ``distributed`` is already imported: a session without dask.distributed
-    stays without it.
+    stays without it. Inside a task running on a worker it is None too: kompot_dask
+    never submits tasks from tasks.
     """
     import sys
 
     if "distributed" not in sys.modules:
         return None
     from distributed import get_client as current
+    from distributed import get_worker
+
+    try:
+        get_worker()
+        return None
+    except ValueError:
+        pass
 
     try:
         return current()

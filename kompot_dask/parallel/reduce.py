@@ -1,0 +1,83 @@
+"""Sums over cell chunks held on the workers of a dask cluster (the density fit's reductions).
+
+A fit cuts its training cells into chunks (:class:`~kompot_dask.estimators._chunks.DensityChunk`).
+:class:`ClusterChunks` places each chunk on a worker once, as a task result (so a lost
+worker's chunks are rebuilt by the scheduler), and every reduction (the ridge start, each
+L-BFGS evaluation, the Laplace diagonal) becomes one small task per chunk running where the
+chunk lives. Only landmark-sized results travel back; the client adds them in chunk order,
+exactly as :class:`~kompot_dask.estimators._chunks.LocalChunks` does, so the numbers are
+the same bits.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable, Sequence
+
+from ..estimators._chunks import add_in_order
+
+__all__ = ["ClusterChunks"]
+
+
+def _hold(obj: Any) -> Any:
+    """A task whose result is its argument: puts data on a worker, recomputable if lost."""
+    return obj
+
+
+class ClusterChunks:
+    """Reducer over chunks living on the workers of ``client``.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    chunks : sequence
+        The per-chunk data; each becomes one task result on some worker.
+    name : str
+        Short label in task names (``kompot-<name>-<term>-<chunk>-<run>``).
+    """
+
+    def __init__(self, client: Any, chunks: Sequence[Any], name: str):
+        self.client, self.name = client, name
+        self.run = uuid.uuid4().hex[:8]
+        self._calls = 0
+        self._futures = [
+            client.submit(_hold, chunk, key=f"kompot-{name}-cells-{i}-{self.run}", retries=2)
+            for i, chunk in enumerate(chunks)
+        ]
+        self._shared: list[Any] = []
+
+    def share(self, obj: Any):
+        """Put ``obj`` on the cluster once; the returned future is passed to every chunk term."""
+        future = self.client.submit(
+            _hold, obj, key=f"kompot-{self.name}-shared-{len(self._shared)}-{self.run}", retries=2
+        )
+        self._shared.append(future)
+        return future
+
+    def reduce(self, fn: Callable[..., tuple], *args: Any) -> tuple:
+        """``sum_c fn(chunk_c, *args)``: one task per chunk, results added in chunk order."""
+        self._calls += 1
+        term = fn.__name__.replace("_", "-")
+        futures = [
+            self.client.submit(
+                fn, chunk, *args, key=f"kompot-{self.name}-{term}-{i}-{self.run}-{self._calls}", retries=2
+            )
+            for i, chunk in enumerate(self._futures)
+        ]
+        try:
+            return add_in_order(self.client.gather(futures))
+        finally:
+            for future in futures:
+                future.release()
+
+    def close(self) -> None:
+        """Drop the chunks and shared data from the cluster."""
+        for future in self._futures + self._shared:
+            future.release()
+        self._futures, self._shared = [], []
+
+    def __enter__(self) -> "ClusterChunks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
