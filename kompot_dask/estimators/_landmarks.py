@@ -8,6 +8,7 @@ import numpy as np
 
 from ..kernels import landmarks as km
 from ._inputs import row_slices
+from ._reduce import open_reducer
 
 __all__ = ["resolve_gp_type", "compute_landmarks", "resolve_inducing", "kmeans_landmarks"]
 
@@ -103,12 +104,15 @@ def kmeans_landmarks(
     sample = x if size == n else x[np.sort(rng.choice(n, size=size, replace=False))]
     centers = km.kmeans_plusplus(sample, k, rng)
     threshold = km.lloyd_tolerance(x, tol)
-    slices = row_slices(n, k)
-    for _ in range(max_iter):
-        stats = km.lloyd_chunk_stats(x[slices[0]], centers)
-        for sl in slices[1:]:
-            stats = stats + km.lloyd_chunk_stats(x[sl], centers)
-        centers, shift = km.lloyd_update(centers, stats)
-        if shift <= threshold:
-            break
+    with open_reducer([x[sl] for sl in row_slices(n, k)], "kmeans") as reducer:
+        for _ in range(max_iter):
+            stats = km.LloydStats(*reducer.reduce(lloyd_step, centers))
+            centers, shift = km.lloyd_update(centers, stats)
+            if shift <= threshold:
+                break
     return centers
+
+
+def lloyd_step(x_chunk: np.ndarray, centers: np.ndarray) -> tuple:
+    """One chunk's part of a Lloyd step (a reducer term)."""
+    return tuple(km.lloyd_chunk_stats(x_chunk, centers))

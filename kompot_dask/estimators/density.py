@@ -12,7 +12,8 @@ from ..kernels import density as dk
 from ..kernels import density_params as dp
 from ..kernels import linalg as la
 from ..kernels import neighbors as nb
-from ._chunks import DensityChunk, LocalChunks, Prior, gram_rhs, hessian_diag, loglik_grad, open_reducer
+from ._density_terms import DensityChunk, Prior, gram_rhs, hessian_diag, loglik_grad
+from ._reduce import LocalChunks, open_reducer
 from ._inputs import as_cell_states, check_landmarks, check_positive, row_slices
 from ._landmarks import resolve_inducing
 from ._predictor import ChunkedPredictor

@@ -10,7 +10,7 @@ from .._jax import with_x64
 from ..kernels import density_params as dp
 from ..kernels import function as fk
 from ..kernels import linalg as la
-from ._chunks import sum_over_chunks
+from ._reduce import sum_over_chunks
 from ._inputs import as_cell_states, as_expression, check_landmarks, check_positive, read_rows, row_slices
 from ._landmarks import resolve_inducing
 from ._predictor import ChunkedPredictor

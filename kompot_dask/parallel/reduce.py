@@ -1,11 +1,11 @@
 """Sums over cell chunks held on the workers of a dask cluster (the density fit's reductions).
 
-A fit cuts its training cells into chunks (:class:`~kompot_dask.estimators._chunks.DensityChunk`).
+A fit cuts its training cells into chunks (:class:`~kompot_dask.estimators._density_terms.DensityChunk`).
 :class:`ClusterChunks` places each chunk on a worker once, as a task result (so a lost
 worker's chunks are rebuilt by the scheduler), and every reduction (the ridge start, each
 L-BFGS evaluation, the Laplace diagonal) becomes one small task per chunk running where the
 chunk lives. Only landmark-sized results travel back; the client adds them in chunk order,
-exactly as :class:`~kompot_dask.estimators._chunks.LocalChunks` does, so the numbers are
+exactly as :class:`~kompot_dask.estimators._reduce.LocalChunks` does, so the numbers are
 the same bits.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Callable, Sequence
 
-from ..estimators._chunks import add_in_order
+from ..estimators._reduce import add_in_order
 
 __all__ = ["ClusterChunks"]
 

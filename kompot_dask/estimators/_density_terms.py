@@ -1,0 +1,75 @@
+"""The density fit's per-chunk terms (SPEC §2.4-2.7).
+
+The latent log density at training cells is ``f = Phi T z + mu`` (SPEC §2.3): landmark
+mode ``Phi_c = K(X_c, U)`` and ``T = Lp^-T``; full mode ``Phi_c`` = rows of ``Lp`` and
+``T = I``. Every O(n) quantity of the fit is a sum over cell chunks of a term that needs
+only that chunk (:class:`DensityChunk`) and the landmark-sized :class:`Prior`:
+
+* :func:`gram_rhs`: the ridge start's ``L_c^T L_c`` and ``L_c^T t``;
+* :func:`loglik_grad`: one evaluation of the objective, ``sum_i f_i + Vd_i - e_i`` and
+  ``Phi_c^T (1 - e)``;
+* :func:`hessian_diag`: the Laplace diagonal ``(L_c**2)^T e``.
+
+A reducer (:mod:`._reduce`) sums one of them over all chunks, here or on a dask cluster.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from .._jax import with_x64
+from ..kernels import density as dk
+
+__all__ = ["DensityChunk", "Prior", "gram_rhs", "loglik_grad", "hessian_diag"]
+
+
+class DensityChunk(NamedTuple):
+    """The training data of one chunk of cells."""
+
+    x: np.ndarray | None  # (c, D) cell states (landmark mode)
+    phi: np.ndarray | None  # (c, m) rows of Lp (full mode)
+    v: np.ndarray  # (c,) likelihood offsets V
+    vd: np.ndarray  # (c,) likelihood constants Vd
+    target: np.ndarray  # (c,) ridge target t = mle - mu
+
+
+class Prior(NamedTuple):
+    """Landmark-sized state shared by every chunk."""
+
+    inducing: np.ndarray | None  # (m, D) landmarks; None for a full GP
+    lp: np.ndarray  # (m, m) chol(K_UU + jitter I)
+    ls: float
+
+
+def _factor_rows(chunk: DensityChunk, prior: Prior) -> jax.Array:
+    if chunk.phi is not None:
+        return chunk.phi
+    return dk.landmark_factor_block(chunk.x, prior.inducing, prior.lp, prior.ls)
+
+
+def _numpy(parts: tuple) -> tuple:
+    return tuple(np.asarray(p) for p in parts)
+
+
+@with_x64
+def gram_rhs(chunk: DensityChunk, prior: Prior) -> tuple:
+    """``(L_c^T L_c, L_c^T t_c)`` of one chunk."""
+    return _numpy(dk.chunk_gram_rhs(_factor_rows(chunk, prior), chunk.target))
+
+
+@with_x64
+def loglik_grad(chunk: DensityChunk, prior: Prior, w: np.ndarray, mu: float) -> tuple:
+    """One chunk's log-likelihood sum and ``Phi_c^T (1 - e)`` at weights ``w = T z``."""
+    if chunk.phi is not None:
+        return _numpy(dk.chunk_loglik_grad(chunk.phi, w, mu, chunk.v, chunk.vd))
+    return _numpy(dk.cells_loglik_grad(chunk.x, prior.inducing, prior.ls, w, mu, chunk.v, chunk.vd))
+
+
+@with_x64
+def hessian_diag(chunk: DensityChunk, prior: Prior, z: np.ndarray, mu: float) -> tuple:
+    """``(L_c**2)^T exp(f_c + V_c)``: one chunk's part of the Laplace diagonal."""
+    lc = _factor_rows(chunk, prior)
+    return _numpy((dk.chunk_weighted_sq_colsum(lc, dk.chunk_intensity(lc, z, mu, chunk.v)),))
