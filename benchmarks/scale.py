@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-limit", default="5GB")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--cell-chunk", type=int, default=8192)
+    parser.add_argument("--cell-chunk", type=int, default=None,
+                        help="cells per prediction task (default: planned from the worker memory limit)")
     args = parser.parse_args()
 
     import dask.array as da
@@ -118,7 +119,7 @@ def main() -> None:
 
     atlas_path = os.path.join(workdir, "atlas.zarr")
     meta = timed("generate", lambda: generate_atlas(atlas_path, args.cells, args.genes, args.dims,
-                                                    args.samples, args.cell_chunk))
+                                                    args.samples, 8192))
     atlas = zarr.open_group(atlas_path, mode="r")
     x = atlas["cell_states"][...]
     y = da.from_zarr(atlas["expression"])
@@ -140,8 +141,9 @@ def main() -> None:
             x1, y1, x2, y2, landmarks=landmarks, condition1_sample_indices=s1, condition2_sample_indices=s2))
         de_ds = timed("de_predict", lambda: predict_expression(
             de_model, x, os.path.join(workdir, "de.zarr"), client=client, cell_chunk=args.cell_chunk,
-            gene_batch=min(args.genes, 500), dtype="float32", overwrite=True))
+            dtype="float32", overwrite=True))
         sampler.stop()
+    de_block = dict(zip(("cell_chunk", "gene_batch"), de_ds["fold_change"].encoding["chunks"]))
     complete = bool(da_ds.attrs["kompot_dask"]["complete"] and de_ds.attrs["kompot_dask"]["complete"])
     result = {
         "cells": args.cells,
@@ -155,6 +157,7 @@ def main() -> None:
         "peak_worker_memory_bytes": int(sampler.worker_peak),
         "peak_client_memory_bytes": int(sampler.client_peak),
         "stages": stages,
+        "de_block": de_block,
         "complete": complete,
         "machine": f"{platform.node()} {os.cpu_count()} cores",
     }

@@ -30,6 +30,7 @@ _VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gene_batch_size": (_positive_int_or_none, "None or a positive int (genes per batch)"),
     "progress": (lambda v: isinstance(v, bool), "a bool"),
     "fit_on_cluster": (lambda v: isinstance(v, bool), "a bool"),
+    "worker_memory_target": (_positive_int_or_none, "None or a positive int (bytes per task)"),
 }
 
 _OPTIONS: dict[str, Any] = {
@@ -38,6 +39,7 @@ _OPTIONS: dict[str, Any] = {
     "gene_batch_size": None,
     "progress": False,
     "fit_on_cluster": True,
+    "worker_memory_target": None,
 }
 
 
@@ -65,6 +67,10 @@ class set_options:
         With an active ``distributed.Client``, evaluate the density fit's objective (and
         its other sums over cells) as one task per cell chunk on the workers (default
         True). Numbers are identical either way.
+    worker_memory_target : int or None
+        Bytes one prediction task may use; block shapes of ``predict_abundance`` and
+        ``predict_expression`` are chosen to fit it when not given. ``None``: 60% of the
+        smallest worker memory limit of the client, or 2 GiB without one.
     """
 
     def __init__(self, **kwargs: Any) -> None:

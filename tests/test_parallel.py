@@ -156,12 +156,51 @@ def test_interrupted_run_resumes_without_recomputing(case, de_model, de_referenc
     group = zarr.open_group(path, mode="r")
     assert group.attrs["kompot_dask"]["complete"] is False
     assert int(group["_done_cells"][...].sum()) == 5
+    maha_done = int(group["_done_mahalanobis"][...].sum())
     monkeypatch.setattr(engine, "expression_block", real_block)
     ds = predict_expression(de_model, case["in_X_predict"], path, cell_chunk=50, gene_batch=20)
     meta = ds.attrs["kompot_dask"]
     assert meta["complete"] and meta["blocks_total"] == 10
     n_maha = len(range(0, de_model._gene_count, 20))
-    assert meta["blocks_computed_last_run"] == 10 - 5 + n_maha
+    assert meta["blocks_computed_last_run"] == 10 - 5 + n_maha - maha_done
+    _assert_same(ds, de_reference)
+
+
+def test_building_the_graph_computes_nothing(case, de_model, de_reference, tmp_path, monkeypatch):
+    """compute=False lays out the store and returns a graph; only computing it runs tasks."""
+    import dask
+    import xarray as xr
+
+    calls = {"scheduler": 0, "blocks": 0}
+
+    def counting_get(dsk, keys, **kwargs):
+        calls["scheduler"] += 1
+        return dask.get(dsk, keys, **kwargs)
+
+    real_block = engine.expression_block
+
+    def counting_block(*args, **kwargs):
+        calls["blocks"] += 1
+        return real_block(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "expression_block", counting_block)
+    path = str(tmp_path / "de.zarr")
+    with dask.config.set(scheduler=counting_get):
+        graph = predict_expression(de_model, case["in_X_predict"], path, cell_chunk=100, gene_batch=25,
+                                   compute=False)
+        assert calls == {"scheduler": 0, "blocks": 0}
+        group = zarr.open_group(path, mode="r")
+        assert group.attrs["kompot_dask"]["complete"] is False
+        assert np.isnan(group["fold_change"][...]).all()
+        keys = {str(k) for k in graph.__dask_graph__()}
+        graph.compute()
+    n_cells = -(-len(case["in_X_predict"]) // 100)
+    n_batches = -(-de_model.n_genes // 25)
+    assert calls == {"scheduler": 1, "blocks": n_cells * n_batches}
+    assert sum(k.startswith("kompot-predict-expression-") for k in keys) == n_cells * n_batches
+    assert sum(k.startswith("kompot-mahalanobis-genes-") for k in keys) == -(-de_model._gene_count // 25)
+    ds = xr.open_zarr(path, consolidated=False)
+    assert ds.attrs["kompot_dask"]["complete"]
     _assert_same(ds, de_reference)
 
 
@@ -206,3 +245,62 @@ def test_killed_worker_still_gives_identical_results(case, de_model, de_referenc
     assert killed, "the worker was not killed during the run"
     assert killed["at"] < ds.attrs["kompot_dask"]["blocks_total"]
     _assert_same(ds, de_reference)
+
+
+def test_block_plan_fits_the_memory_target():
+    from kompot_dask.parallel.plan import WORKER_BASELINE, plan_blocks
+
+    for target in (2**30, 5 * 2**30):
+        for genes in (50, 1000, 20000):
+            plan = plan_blocks(1_000_000, genes, 2000, 3, 200 * 2**20, target)
+            assert plan.task_bytes + WORKER_BASELINE <= target
+            assert 64 <= plan.cell_chunk and 1 <= plan.gene_batch <= min(genes, 1024)
+    small = plan_blocks(1_000_000, 1000, 2000, 3, 0, 2**30)
+    large = plan_blocks(1_000_000, 1000, 2000, 3, 0, 8 * 2**30)
+    assert large.cell_chunk * large.gene_batch > 4 * small.cell_chunk * small.gene_batch
+    with pytest.raises(MemoryError, match="worker_memory_target"):
+        plan_blocks(1_000_000, 1000, 2000, 3, 2**30, 2**30)
+
+
+def test_planned_blocks_follow_the_memory_option(case, de_model, de_reference, tmp_path):
+    from kompot_dask.parallel.plan import WORKER_BASELINE, model_bytes, plan_blocks
+
+    target = WORKER_BASELINE + 2 * model_bytes(de_model) + 2**20  # 1 MiB left for a block's working set
+    with kd.set_options(worker_memory_target=target):
+        ds = predict_expression(de_model, case["in_X_predict"], str(tmp_path / "de.zarr"))
+    n_landmarks = len(case["in_landmarks"])
+    plan = plan_blocks(len(case["in_X_predict"]), de_model.n_genes, n_landmarks, 3, model_bytes(de_model), target)
+    # The target forces several blocks (the default would be one block of all cells x genes).
+    assert plan.cell_chunk * plan.gene_batch < len(case["in_X_predict"]) * de_model.n_genes / 2
+    assert ds["fold_change"].encoding["chunks"] == (plan.cell_chunk, plan.gene_batch)
+    _assert_same(ds, de_reference)
+
+
+def test_function_fit_reads_expression_on_the_workers(case, cluster, tmp_path):
+    """zarr- and xarray/dask-backed expression: one task per cell chunk, read on the worker."""
+    distributed = pytest.importorskip("distributed")
+    import dask.array as da
+    import xarray as xr
+
+    x, y = case["in_X_condition1"], case["in_Y_condition1"]
+    stored = zarr.create_array(str(tmp_path / "y.zarr"), shape=y.shape, chunks=(50, y.shape[1]), dtype="float64")
+    stored[...] = y
+    as_xarray = xr.DataArray(da.from_zarr(str(tmp_path / "y.zarr")).T, dims=("gene", "cell"))  # genes first
+
+    def fit(targets):
+        return kd.FunctionEstimator(landmarks=case["in_landmarks"], ls_factor=10.0, sigma=0.3,
+                                    obs_variance=True).fit(x, targets)
+
+    with kd.set_options(cell_chunk_size=50):
+        local = fit(y)
+    with distributed.Client(cluster) as client, distributed.get_task_stream(client) as stream:
+        on_zarr, on_xarray = fit(stored), fit(as_xarray)
+    keys = [str(t["key"]) for t in stream.data]
+    n_chunks = -(-len(x) // 50)
+    assert sum(k.startswith("kompot-function-projected-stats-") for k in keys) == 2 * n_chunks
+    assert sum(k.startswith("kompot-function-residual-cross-") for k in keys) == 2 * n_chunks
+    query = case["in_X_predict"]
+    for model in (on_zarr, on_xarray):
+        np.testing.assert_allclose(model.predict(query), local.predict(query), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(model.predict.obs_variance(query), local.predict.obs_variance(query),
+                                   rtol=1e-10, atol=1e-12)

@@ -25,7 +25,13 @@ __all__ = [
 
 
 def as_cell_states(x: Any, name: str = "x", min_cells: int = 2) -> np.ndarray:
-    """Return ``x`` as a finite float64 (n, D) array with at least ``min_cells`` rows."""
+    """Return ``x`` as a finite float64 (n, D) array with at least ``min_cells`` rows.
+
+    Cell states are small (n x D); dask, zarr and xarray inputs are read here (an xarray
+    DataArray with a ``cell`` dim is put cells first).
+    """
+    if hasattr(x, "dims") and hasattr(x, "variable") and "cell" in x.dims and x.dims[0] != "cell":
+        x = x.transpose("cell", ...)
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 2:
         msg = (
@@ -81,8 +87,13 @@ def as_expression(y: Any, n_cells: int, name: str = "y") -> tuple[Any, bool]:
     """Check the shape of an expression matrix without reading it.
 
     Returns the array-like (a numpy array for lists) and whether it was one-dimensional.
-    Values are checked chunk by chunk as they are read (:func:`read_rows`).
+    Values are checked chunk by chunk as they are read (:func:`read_rows`). An xarray
+    DataArray is unwrapped to its (dask or numpy) data, cells first when its dims say so.
     """
+    if hasattr(y, "dims") and hasattr(y, "variable"):  # xarray.DataArray
+        if "cell" in y.dims and y.dims[0] != "cell":
+            y = y.transpose("cell", ...)
+        y = y.data
     if not hasattr(y, "shape") or not hasattr(y, "__getitem__"):
         y = np.asarray(y, dtype=np.float64)
     shape = tuple(y.shape)
@@ -105,8 +116,8 @@ def read_rows(arr: Any, rows: slice, name: str = "y") -> np.ndarray:
     block = arr[rows]
     if hasattr(block, "toarray"):  # scipy sparse
         block = block.toarray()
-    elif hasattr(block, "compute"):  # dask
-        block = block.compute()
+    elif hasattr(block, "compute"):  # dask: read in this process, even on a worker
+        block = block.compute(scheduler="sync")
     block = np.asarray(block, dtype=np.float64)
     if block.ndim == 1:
         block = block[:, None]

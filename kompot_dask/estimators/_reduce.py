@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence
 
-import jax
 import numpy as np
 
 from ..options import get_options
 
-__all__ = ["LocalChunks", "open_reducer", "add_in_order", "sum_over_chunks"]
+__all__ = ["LocalChunks", "open_reducer", "add_in_order"]
 
 
 def add_in_order(parts: Iterable[tuple]) -> tuple:
@@ -58,15 +57,16 @@ class LocalChunks:
         self.close()
 
 
-def open_reducer(chunks: Sequence[Any], name: str):
+def open_reducer(chunks: Sequence[Any], name: str, local: bool = False):
     """Where a fit sums its chunk terms: on the active dask cluster if there is one.
 
     The cluster is used when the ``fit_on_cluster`` option is on (default), there is more
     than one chunk, and a ``distributed.Client`` is active outside a worker task (a fit
     running inside a task, such as one sample of a fan-out, stays in its task). ``name``
-    labels the tasks (``kompot-<name>-<term>-<chunk>-<run>``).
+    labels the tasks (``kompot-<name>-<term>-<chunk>-<run>``); ``local=True`` keeps the
+    sums in this process.
     """
-    if len(chunks) > 1 and get_options()["fit_on_cluster"]:
+    if not local and len(chunks) > 1 and get_options()["fit_on_cluster"]:
         from ..parallel.cluster import active_client
 
         client = active_client()
@@ -75,17 +75,3 @@ def open_reducer(chunks: Sequence[Any], name: str):
 
             return ClusterChunks(client, chunks, name)
     return LocalChunks(chunks)
-
-
-def sum_over_chunks(fn: Callable[[slice], tuple], slices: Sequence[slice]) -> tuple:
-    """Element-wise sum of the tuples ``fn(sl)`` over all chunks.
-
-    Each chunk is finished before the next is read: JAX dispatches asynchronously, and
-    without the wait every chunk's inputs would be in flight at once (memory ~ n).
-    """
-    total = list(jax.block_until_ready(fn(slices[0])))
-    for sl in slices[1:]:
-        for i, part in enumerate(fn(sl)):
-            total[i] = total[i] + part
-        jax.block_until_ready(total)
-    return tuple(total)

@@ -302,9 +302,18 @@ class DensityEstimator:
             for sl in row_slices(len(x), m)
         ]
 
+    def __getstate__(self) -> dict:
+        # The objective holds views of the training cells: not part of a fitted model.
+        state = dict(self.__dict__)
+        state.pop("_objective", None)
+        return state
+
     @with_x64
     def loss_and_gradient(self, z: Any) -> tuple[float, np.ndarray]:
-        """The optimised objective and its gradient at latent ``z`` (after :meth:`fit`)."""
+        """The optimised objective and its gradient at latent ``z`` (after :meth:`fit`, in the
+        fitting process: the objective is not pickled with the estimator)."""
+        if getattr(self, "_objective", None) is None:
+            raise ValueError("loss_and_gradient needs the estimator that ran `fit` (it is not pickled)")
         return self._objective(np.asarray(z, dtype=np.float64))
 
 

@@ -10,7 +10,8 @@ from .._jax import with_x64
 from ..kernels import density_params as dp
 from ..kernels import function as fk
 from ..kernels import linalg as la
-from ._reduce import sum_over_chunks
+from ._function_terms import FunctionChunk, FunctionPrior, RowBlock, projected_stats, reads_lazily, residual_cross
+from ._reduce import open_reducer
 from ._inputs import as_cell_states, as_expression, check_landmarks, check_positive, read_rows, row_slices
 from ._landmarks import resolve_inducing
 from ._predictor import ChunkedPredictor
@@ -200,27 +201,25 @@ class FunctionEstimator:
 
     def _fit_landmarks(self, x: np.ndarray, y: Any, one_d: bool) -> FunctionState:
         u, ls, mu = self.landmarks, self.ls, self.mu
-        lp = la.checked(la.prior_cholesky(u, ls, self.jitter), "K_UU + jitter*I")
-        slices = row_slices(len(x), len(u), like=y)
-        aat, a_r = sum_over_chunks(
-            lambda sl: fk.chunk_projected_stats(x[sl], u, lp, ls, read_rows(y, sl) - mu), slices
-        )
-        lb = la.checked(fk.landmark_noise_factor(aat, self._noise), "I + A A^T / sigma^2")
-        weights = fk.landmark_weights(lp, lb, a_r, self._noise)
-        state = FunctionState(np.asarray(u), np.asarray(weights), np.asarray(lp), np.asarray(lb), mu, ls, len(x), one_d)
-        if not self.obs_variance:
-            return state
-        lm = la.checked(fk.leverage_factor(lp, aat, self.sigma**2, self.jitter), "the leverage matrix")
-
-        def residual_cross(sl):
-            h = fk.landmark_leverage(x[sl], u, lm, ls)
-            fitted = fk.predict_mean(x[sl], u, weights, mu, ls)
-            e2 = fk.hc3_squared_residuals(read_rows(y, sl), fitted, h)
-            return (fk.chunk_projected_cross(x[sl], u, lp, ls, e2),)
-
-        (cross_var,) = sum_over_chunks(residual_cross, slices)
+        lp = np.asarray(la.checked(la.prior_cholesky(u, ls, self.jitter), "K_UU + jitter*I"))
+        lazy = reads_lazily(y)
+        chunks = [
+            FunctionChunk(x[sl], RowBlock(y, sl))
+            for sl in row_slices(len(x), len(u), like=y)
+        ]
+        # In-memory targets are summed here: shipping them to workers would copy them.
+        with open_reducer(chunks, "function", local=not lazy) as reducer:
+            prior = reducer.share(FunctionPrior(np.asarray(u), lp, float(ls), float(mu)))
+            aat, a_r = reducer.reduce(projected_stats, prior)
+            lb = la.checked(fk.landmark_noise_factor(aat, self._noise), "I + A A^T / sigma^2")
+            weights = np.asarray(fk.landmark_weights(lp, lb, a_r, self._noise))
+            state = FunctionState(np.asarray(u), weights, lp, np.asarray(lb), mu, ls, len(x), one_d)
+            if not self.obs_variance:
+                return state
+            lm = np.asarray(la.checked(fk.leverage_factor(lp, aat, self.sigma**2, self.jitter), "the leverage matrix"))
+            (cross_var,) = reducer.reduce(residual_cross, prior, lm, weights)
         obs_w = fk.landmark_weights(lp, lb, cross_var, self._noise)
-        return state._replace(leverage_factor=np.asarray(lm), obs_weights=np.asarray(obs_w))
+        return state._replace(leverage_factor=lm, obs_weights=np.asarray(obs_w))
 
     def _fit_full(self, x: np.ndarray, y: Any, one_d: bool) -> FunctionState:
         ls, mu = self.ls, self.mu

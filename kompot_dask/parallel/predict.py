@@ -1,10 +1,13 @@
-"""Differential results streamed to zarr as (cell chunk × gene batch) tasks on a dask cluster.
+"""Differential results streamed to zarr by a dask graph of (cell chunk × gene batch) tasks.
 
-The fitted model (landmark-sized state) is scattered to the workers once; each task
-predicts one block with the same block function as the in-memory path, writes its own
-zarr chunks and sets its marker. Rerunning with the same inputs and store resumes:
-finished blocks are skipped. The store is marked complete last, and the result is
-returned as a lazy xarray Dataset backed by the store.
+Building a prediction lays out the store (metadata only, like ``xarray.to_zarr(compute=
+False)``) and returns a ``dask.delayed`` graph; nothing is computed until it runs. The
+fitted model (landmark-sized state) is one graph input shared by every task; each block
+task predicts with the same block function as the in-memory path, writes its own zarr
+chunks and sets its marker. The Mahalanobis stage is a task for ``Sigma`` and its
+Cholesky, then one task per gene batch; a last task does the per-gene reductions and
+marks the store complete. Rerunning with the same inputs and store resumes: finished
+blocks are not in the new graph.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from ..fdr import compute_fdr
 from ..kernels import differential as dk
 from ..kernels import mahalanobis as mk
 from ..options import get_options
+from .plan import memory_target, model_bytes, plan_blocks
 from .results import ResultStore, fingerprint, mark_block_done, write_block
-from .runner import resolve_client, run_tasks
+from .runner import logger, resolve_client, run_graph, share
 
 __all__ = ["predict_abundance", "predict_expression"]
 
@@ -38,6 +42,12 @@ def _model_token(*predictors: Any) -> str:
         else:
             parts.append(getattr(p, "state", repr(type(p))))
     return fingerprint(parts)
+
+
+def _n_inducing(*predictors: Any) -> int:
+    """Landmarks (or training cells of a full GP) of fitted predictors; 2000 if unknown."""
+    sizes = [len(p.state.inducing) for p in predictors if hasattr(getattr(p, "state", None), "inducing")]
+    return max(sizes or [2000])
 
 
 def _query_cells(x: Any, n_features: int) -> np.ndarray:
@@ -66,6 +76,28 @@ def _abundance_task(model, x_chunk, rows, index, path, lfc_thr, ptp_thr):
     return index
 
 
+def _finish_task(path: str, blocks: list, meta: dict) -> str:
+    """Mark the store complete: the graph's last task, after every block."""
+    import zarr
+
+    ResultStore(path, zarr.open_group(path, mode="r+")).finish(**meta)
+    return path
+
+
+def _describe(out: ResultStore, n_blocks: int, pending: int) -> None:
+    logger.info(
+        "kompot_dask: %s: %d of %d blocks to compute; the store takes up to %.3g GB uncompressed",
+        out.path, pending, n_blocks, out.planned_bytes / 1e9,
+    )
+
+
+def _result(graph, out: ResultStore, client, compute: bool):
+    if not compute:
+        return graph
+    run_graph(graph, client)
+    return _open_dataset(out.path)
+
+
 def predict_abundance(
     model,
     X_new: Any,
@@ -77,6 +109,7 @@ def predict_abundance(
     overwrite: bool = False,
     log_fold_change_threshold: float | None = None,
     ptp_threshold: float | None = None,
+    compute: bool = True,
 ):
     """:meth:`DifferentialAbundance.predict` streamed to a zarr store, one task per cell chunk.
 
@@ -90,18 +123,23 @@ def predict_abundance(
     client : distributed.Client or str, optional
         Client or scheduler address; default the active client, else run in this process.
     cell_chunk : int, optional
-        Cells per task (default 4096).
+        Cells per task (default: planned from the ``worker_memory_target`` option or the
+        workers' memory limit, see :mod:`kompot_dask.parallel.plan`).
     dtype : {"float64", "float32"}
         Storage type of the outputs.
     overwrite : bool
         Replace a store holding other results.
     log_fold_change_threshold, ptp_threshold : float, optional
         Thresholds of the direction calls (default the model's).
+    compute : bool, default True
+        Run now. ``False`` only lays out the store and returns the graph (a
+        ``dask.delayed.Delayed``); computing it fills the store, which
+        :func:`xarray.open_zarr` then opens.
 
     Returns
     -------
-    xarray.Dataset
-        Lazy, backed by ``store``, with dimension ``cell``.
+    xarray.Dataset or dask.delayed.Delayed
+        Lazy, backed by ``store``, with dimension ``cell``; the graph if ``compute=False``.
     """
     from ..differential._checks import check_lfc_threshold, check_ptp_threshold
 
@@ -111,7 +149,12 @@ def predict_abundance(
                                   else log_fold_change_threshold)
     ptp_thr = check_ptp_threshold(model.ptp_threshold if ptp_threshold is None else ptp_threshold)
     x = _query_cells(X_new, model.density_predictor1.state.inducing.shape[1])
-    chunk = int(cell_chunk or 4096)
+    client = resolve_client(client)
+    if cell_chunk is None:
+        m = _n_inducing(model.density_predictor1, model.density_predictor2)
+        samples = max([len(vp.group_predictors) for vp in model.variance_predictors if vp is not None] or [0])
+        cell_chunk = plan_blocks(len(x), 1, m, samples, model_bytes(model), memory_target(client)).cell_chunk
+    chunk = int(cell_chunk)
     slices = row_slices(len(x), 1, chunk_rows=chunk)
     token = fingerprint(x, chunk, dtype, lfc_thr, ptp_thr, model.eps,
                         _model_token(model.density_predictor1, model.density_predictor2, *model.variance_predictors))
@@ -120,17 +163,20 @@ def predict_abundance(
         out.add_array(key, (len(x),), (chunk,), ("cell",), dtype)
     out.add_array("log_fold_change_direction", (len(x),), (chunk,), ("cell",), str, fill_value="")
     out.add_stage("cells", (len(slices),))
-    todo = out.pending("cells")
-    client = resolve_client(client)
-    shared = client.scatter(model, broadcast=True) if client is not None else model
-    tasks = [
-        (f"kompot-predict-abundance-{i}-{token[:10]}", _abundance_task,
-         (shared, x[slices[i]], slices[i], (i,), out.path, lfc_thr, ptp_thr))
-        for (i,) in todo
+    import dask
+
+    shared = share(model, f"kompot-model-{token[:10]}", client)
+    blocks = [
+        dask.delayed(_abundance_task, pure=False)(
+            shared, x[slices[i]], slices[i], (i,), out.path, lfc_thr, ptp_thr,
+            dask_key_name=f"kompot-predict-abundance-{i}-{token[:10]}")
+        for (i,) in out.pending("cells")
     ]
-    run_tasks(tasks, client)
-    out.finish(blocks_total=len(slices), blocks_computed_last_run=len(tasks))
-    return _open_dataset(out.path)
+    _describe(out, len(slices), len(blocks))
+    meta = {"blocks_total": len(slices), "blocks_computed_last_run": len(blocks)}
+    graph = dask.delayed(_finish_task, pure=False)(out.path, blocks, meta,
+                                                   dask_key_name=f"kompot-finish-abundance-{token[:10]}")
+    return _result(graph, out, client, compute)
 
 
 # -------------------------------------------------------------------------- expression
@@ -150,7 +196,22 @@ def _expression_task(model, x_chunk, rows, genes, index, path, per_gene):
     return index
 
 
-def _mahalanobis_task(model, points, sigma, lower, genes, index, path):
+def _sigma_task(model, points) -> tuple:
+    """``Sigma = Sigma1 + Sigma2`` at the evaluation points, the branch, and its shared Cholesky."""
+    m1, m2 = model._models()
+    has_sv = m1.variance_predictor is not None or m2.variance_predictor is not None
+    has_ev = m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None
+    with x64():
+        sigma = m1.covariance(points, diag=False) + m2.covariance(points, diag=False)
+        branch = mk.select_branch(len(points), mk.diag_ratio(sigma), has_sv, has_ev)
+        # One Cholesky for every gene batch (the branches that use a shared factor).
+        shared_branch = branch in (mk.BRANCH_SHARED, mk.BRANCH_FACTOR_TRICK, mk.BRANCH_WOODBURY)
+        lower = np.asarray(mk.shared_cholesky(sigma, model.eps)) if shared_branch else None
+    return np.asarray(sigma), lower, branch
+
+
+def _mahalanobis_task(model, points, sigma_parts, genes, index, path):
+    sigma, lower, _ = sigma_parts
     with x64():
         m1, m2 = model._models()
         delta = m2.mean(points, genes) - m1.mean(points, genes)
@@ -178,6 +239,7 @@ def predict_expression(
     gene_batch: int | None = None,
     dtype: str = "float64",
     overwrite: bool = False,
+    compute: bool = True,
 ):
     """:meth:`DifferentialExpression.predict` streamed to a zarr store as (cells × genes) tasks.
 
@@ -196,22 +258,33 @@ def predict_expression(
     client : distributed.Client or str, optional
         Client or scheduler address; default the active client, else run in this process.
     cell_chunk, gene_batch : int, optional
-        Block shape (default 4096 cells × the ``gene_batch_size`` option or 1024 genes).
+        Block shape. Default: the ``gene_batch_size`` option for genes, and a shape planned
+        from the ``worker_memory_target`` option or the workers' memory limit (see
+        :mod:`kompot_dask.parallel.plan`).
     dtype : {"float64", "float32"}
         Storage type of the cells × genes layers.
     overwrite : bool
         Replace a store holding other results.
+    compute : bool, default True
+        Run now. ``False`` only lays out the store and returns the graph (a
+        ``dask.delayed.Delayed``); computing it fills the store.
 
     Returns
     -------
-    xarray.Dataset
-        Lazy, backed by ``store``: (cell, gene) layers, per-gene results.
+    xarray.Dataset or dask.delayed.Delayed
+        Lazy, backed by ``store``: (cell, gene) layers, per-gene results; the graph if
+        ``compute=False``.
     """
     m1, m2 = model._models()
     x = _query_cells(X_new, model.n_features)
     g, g_all = model.n_genes, model._gene_count
-    chunk = int(cell_chunk or 4096)
-    batch = int(gene_batch or get_options()["gene_batch_size"] or 1024)
+    client = resolve_client(client)
+    gene_batch = gene_batch or get_options()["gene_batch_size"]
+    if cell_chunk is None or gene_batch is None:
+        samples = max([vp.n_groups for vp in (m1.variance_predictor, m2.variance_predictor) if vp is not None] or [0])
+        plan = plan_blocks(len(x), g, _n_inducing(model.function_predictor1, model.function_predictor2), samples, model_bytes(model), memory_target(client))
+        cell_chunk, gene_batch = cell_chunk or plan.cell_chunk, gene_batch or plan.gene_batch
+    chunk, batch = int(cell_chunk), int(gene_batch)
     per_gene = m1.per_gene_variance or m2.per_gene_variance
     cells = row_slices(len(x), 1, chunk_rows=chunk)
     genes = [slice(a, min(a + batch, g)) for a in range(0, g, batch)]
@@ -230,40 +303,45 @@ def predict_expression(
         out.add_array(key, std_shape, (chunk, batch if per_gene else 1), ("cell", "gene" if per_gene else "one"), dtype)
     out.add_array("_fold_change_sum", (len(cells), g), (1, batch), ("cell_chunk", "gene"))
     out.add_stage("cells", (len(cells), len(genes)))
-    client = resolve_client(client)
-    shared = client.scatter(model, broadcast=True) if client is not None else model
-    tasks = [
-        (f"kompot-predict-expression-{i}-{j}-{token[:10]}", _expression_task,
-         (shared, x[cells[i]], cells[i], genes[j], (i, j), out.path, per_gene))
+    import dask
+
+    tag = token[:10]
+    shared = share(model, f"kompot-model-{tag}", client)
+    blocks = [
+        dask.delayed(_expression_task, pure=False)(
+            shared, x[cells[i]], cells[i], genes[j], (i, j), out.path, per_gene,
+            dask_key_name=f"kompot-predict-expression-{i}-{j}-{tag}")
         for i, j in out.pending("cells")
     ]
-    computed = len(tasks)
-    branch = None
+    n_blocks = len(blocks)
+    maha, sigma = [], None
     if compute_mahalanobis:
         all_batches = [slice(a, min(a + batch, g_all)) for a in range(0, g_all, batch)]
         out.add_array("_mahalanobis_all", (g_all,), (batch,), ("gene_all",))
         out.add_stage("mahalanobis", (len(all_batches),))
-        has_sv = m1.variance_predictor is not None or m2.variance_predictor is not None
-        has_ev = m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None
-        with x64():
-            sigma = m1.covariance(points, diag=False) + m2.covariance(points, diag=False)
-            branch = mk.select_branch(len(points), mk.diag_ratio(sigma), has_sv, has_ev)
-            # One Cholesky for every gene batch (the branches that use a shared factor).
-            shared_branch = branch in (mk.BRANCH_SHARED, mk.BRANCH_FACTOR_TRICK, mk.BRANCH_WOODBURY)
-            lower = mk.shared_cholesky(sigma, model.eps) if shared_branch else None
-        sigma_f, lower_f = (client.scatter([sigma, lower], broadcast=True) if client is not None
-                            else (sigma, lower))
+        sigma = dask.delayed(_sigma_task, pure=False)(shared, points, dask_key_name=f"kompot-mahalanobis-sigma-{tag}")
         maha = [
-            (f"kompot-mahalanobis-genes-{j}-{token[:10]}", _mahalanobis_task,
-             (shared, points, sigma_f, lower_f, all_batches[j], (j,), out.path))
+            dask.delayed(_mahalanobis_task, pure=False)(
+                shared, points, sigma, all_batches[j], (j,), out.path,
+                dask_key_name=f"kompot-mahalanobis-genes-{j}-{tag}")
             for (j,) in out.pending("mahalanobis")
         ]
-        computed += len(maha)
-        tasks += maha
-    run_tasks(tasks, client)
-    _finish_expression(model, out, len(x), batch, len(points), compute_mahalanobis)
-    out.finish(blocks_total=len(cells) * len(genes), blocks_computed_last_run=computed, mahalanobis_branch=branch)
-    return _open_dataset(out.path)
+    _describe(out, len(cells) * len(genes), n_blocks)
+    meta = {"blocks_total": len(cells) * len(genes), "blocks_computed_last_run": n_blocks + len(maha)}
+    graph = dask.delayed(_finish_expression_task, pure=False)(
+        shared, out.path, blocks + maha, sigma, meta, batch, len(x), len(points), compute_mahalanobis,
+        dask_key_name=f"kompot-finish-expression-{tag}")
+    return _result(graph, out, client, compute)
+
+
+def _finish_expression_task(model, path, blocks, sigma_parts, meta, batch, n_cells, n_points, maha) -> str:
+    """Per-gene reductions (mean LFC, PTPs, FDR: gene-sized) and the completion mark."""
+    import zarr
+
+    out = ResultStore(path, zarr.open_group(path, mode="r+"))
+    _finish_expression(model, out, n_cells, batch, n_points, maha)
+    out.finish(**meta, mahalanobis_branch=None if sigma_parts is None else sigma_parts[2])
+    return path
 
 
 def _finish_expression(model, out: ResultStore, n_cells: int, batch: int, n_points: int, maha: bool) -> None:

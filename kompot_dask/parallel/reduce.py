@@ -47,10 +47,13 @@ class ClusterChunks:
         self._shared: list[Any] = []
 
     def share(self, obj: Any):
-        """Put ``obj`` on the cluster once; the returned future is passed to every chunk term."""
-        future = self.client.submit(
-            _hold, obj, key=f"kompot-{self.name}-shared-{len(self._shared)}-{self.run}", retries=2
-        )
+        """Put ``obj`` on every worker once; the returned future is passed to every chunk term.
+
+        Scattered with a copy per worker (so losing a worker loses no shared state), not
+        sent through the scheduler inside a task (it may be tens of MB: ``Lp`` is m x m).
+        """
+        # In a list: scatter would split a tuple into one future per field.
+        (future,) = self.client.scatter([obj], broadcast=True, hash=False)
         self._shared.append(future)
         return future
 

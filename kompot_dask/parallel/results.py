@@ -58,6 +58,7 @@ class ResultStore:
     def __init__(self, path: str, group):
         self.path = os.fspath(path)
         self.group = group
+        self.planned_bytes = 0  # uncompressed size of the arrays added by this run
 
     @classmethod
     def open_or_create(cls, path: str, token: str, meta: dict, overwrite: bool = False) -> "ResultStore":
@@ -97,6 +98,8 @@ class ResultStore:
     def add_array(self, name: str, shape: tuple, chunks: tuple, dims: tuple, dtype: Any = "float64",
                   compressors: Any = "auto", fill_value: Any = None):
         """Create ``name`` unless it exists (on resume); return the zarr array."""
+        itemsize = np.dtype(dtype).itemsize if np.dtype(dtype).kind != "U" else 16
+        self.planned_bytes += int(np.prod(shape)) * itemsize
         if name in self.group:
             return self.group[name]
         if fill_value is None:

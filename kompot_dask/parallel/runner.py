@@ -1,15 +1,16 @@
-"""Running a list of named tasks: on a distributed client, or in this process."""
+"""Building and running the task graphs of a prediction: on a distributed client, or here."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import logging
+from typing import Any
 
 from ..options import get_options
 from .cluster import active_client
 
-__all__ = ["resolve_client", "run_tasks"]
+__all__ = ["resolve_client", "share", "run_graph"]
 
-Task = tuple[str, Callable[..., Any], tuple]
+logger = logging.getLogger("kompot_dask")
 
 
 def resolve_client(client: Any = None):
@@ -21,25 +22,28 @@ def resolve_client(client: Any = None):
     return client if client is not None else active_client()
 
 
-def run_tasks(tasks: Sequence[Task], client: Any = None) -> list[Any]:
-    """Run ``(key, function, args)`` tasks; return their results in order.
+def share(obj: Any, name: str, client: Any = None):
+    """``obj`` as a graph input used by many tasks.
 
-    With a client, each becomes a future named ``key`` (readable on the dashboard); a
-    task lost with its worker is rerun by the scheduler (every task here is idempotent).
-    Without one, tasks run one after another in this process. The first failure is
-    raised after the other tasks have finished or failed, so finished blocks stay marked.
+    With a client it is scattered to every worker first (data placement, no computation);
+    without, it becomes one literal node of the graph, named ``name``.
     """
+    import dask
+
+    if client is not None:
+        (future,) = client.scatter([obj], broadcast=True, hash=False)  # a list: tuples stay whole
+        return future
+    return dask.delayed(obj, name=name, traverse=False)
+
+
+def run_graph(graph: Any, client: Any = None) -> Any:
+    """Compute a ``Delayed``: on ``client`` (with one retry per task and the progress bar
+    if the ``progress`` option is on), else in this process one task after another."""
     if client is None:
-        return [fn(*args) for _, fn, args in tasks]
-    futures = [client.submit(fn, *args, key=key, pure=False, retries=1) for key, fn, args in tasks]
-    if futures and get_options()["progress"]:
+        return graph.compute(scheduler="sync")
+    future = client.compute(graph, retries=1)
+    if get_options()["progress"]:
         from distributed import progress
 
-        progress(futures)
-    from distributed import wait
-
-    wait(futures)
-    errors = [f for f in futures if f.status == "error"]
-    if errors:
-        errors[0].result()  # raises the task's exception
-    return client.gather(futures)
+        progress(future)
+    return future.result()

@@ -1,0 +1,72 @@
+"""The function fit's per-chunk terms (SPEC §3.3, §3.5), summed over cell chunks by a reducer.
+
+A chunk carries its cells and a :class:`RowBlock`, a handle on its rows of the targets
+that reads them where the term runs: on a worker for zarr- or dask-backed expression, so
+expression never passes through the client.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._jax import with_x64
+from ..kernels import function as fk
+from ._inputs import read_rows
+
+__all__ = ["FunctionChunk", "FunctionPrior", "RowBlock", "reads_lazily", "projected_stats", "residual_cross"]
+
+
+class RowBlock(NamedTuple):
+    """Rows ``rows`` of a targets array (anything :func:`read_rows` reads), read on demand."""
+
+    source: Any
+    rows: slice
+
+    def read(self) -> np.ndarray:
+        return read_rows(self.source, self.rows)
+
+
+def reads_lazily(y: Any) -> bool:
+    """Whether ``y`` is a zarr or dask array that a worker can read chunks of by itself."""
+    module = type(y).__module__
+    return module.startswith("zarr") or module.startswith("dask")
+
+
+class FunctionChunk(NamedTuple):
+    """Cells ``x`` (c, D) and their rows of the targets."""
+
+    x: np.ndarray
+    y: RowBlock
+
+    def targets(self) -> np.ndarray:
+        return self.y.read()
+
+
+class FunctionPrior(NamedTuple):
+    """Landmark-sized state shared by every chunk."""
+
+    inducing: np.ndarray
+    lp: np.ndarray  # chol(K_UU + jitter I)
+    ls: float
+    mu: float
+
+
+@with_x64
+def projected_stats(chunk: FunctionChunk, prior: FunctionPrior) -> tuple:
+    """``(A_c A_c^T, A_c (Y_c - mu))`` of one chunk, ``A_c = Lp^-1 K_Uc``."""
+    parts = fk.chunk_projected_stats(chunk.x, prior.inducing, prior.lp, prior.ls, chunk.targets() - prior.mu)
+    return tuple(np.asarray(p) for p in parts)
+
+
+@with_x64
+def residual_cross(
+    chunk: FunctionChunk, prior: FunctionPrior, leverage_factor: np.ndarray, weights: np.ndarray
+) -> tuple:
+    """``A_c e2_c``: one chunk's projection of the HC3 squared residuals (§3.5)."""
+    u, ls = prior.inducing, prior.ls
+    h = fk.landmark_leverage(chunk.x, u, leverage_factor, ls)
+    fitted = fk.predict_mean(chunk.x, u, weights, prior.mu, ls)
+    e2 = fk.hc3_squared_residuals(chunk.targets(), fitted, h)
+    return (np.asarray(fk.chunk_projected_cross(chunk.x, u, prior.lp, ls, e2)),)
