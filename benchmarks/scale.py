@@ -158,6 +158,10 @@ def main() -> None:
         "peak_client_memory_bytes": int(sampler.client_peak),
         "stages": stages,
         "de_block": de_block,
+        "density_iterations": {
+            "condition1": int(da_model.density_estimator1.optimizer_result.nit),
+            "condition2": int(da_model.density_estimator2.optimizer_result.nit),
+        },
         "complete": complete,
         "machine": f"{platform.node()} {os.cpu_count()} cores",
     }
