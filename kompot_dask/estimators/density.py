@@ -105,7 +105,6 @@ class _Objective:
 
     def __init__(self, reducer, prior, lp: np.ndarray, landmark: bool, mu: float):
         self.reducer, self.prior, self.lp, self.landmark, self.mu = reducer, prior, lp, landmark, mu
-        self.evaluations = 0
 
     @with_x64
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
@@ -113,7 +112,6 @@ class _Objective:
         w = np.asarray(la.solve_upper_t(self.lp, z)) if self.landmark else z
         loglik, grad_w = self.reducer.reduce(loglik_grad, self.prior, w, self.mu)
         grad_z = np.asarray(la.solve_lower(self.lp, grad_w)) if self.landmark else grad_w
-        self.evaluations += 1
         return dk.loss_value(z, loglik), z - grad_z
 
 

@@ -50,6 +50,11 @@ def _n_inducing(*predictors: Any) -> int:
     return max(sizes or [2000])
 
 
+def _n_samples(*variance_predictors: Any) -> int:
+    """Samples per condition of fitted sample-variance predictors (0 if none or unknown)."""
+    return max([getattr(vp, "n_groups", 0) for vp in variance_predictors if vp is not None] or [0])
+
+
 def _query_cells(x: Any, n_features: int) -> np.ndarray:
     x = as_cell_states(x, "X_new", min_cells=1)
     if x.shape[1] != n_features:
@@ -152,7 +157,7 @@ def predict_abundance(
     client = resolve_client(client)
     if cell_chunk is None:
         m = _n_inducing(model.density_predictor1, model.density_predictor2)
-        samples = max([len(vp.group_predictors) for vp in model.variance_predictors if vp is not None] or [0])
+        samples = _n_samples(*model.variance_predictors)
         cell_chunk = plan_blocks(len(x), 1, m, samples, model_bytes(model), memory_target(client)).cell_chunk
     chunk = int(cell_chunk)
     slices = row_slices(len(x), 1, chunk_rows=chunk)
@@ -281,8 +286,9 @@ def predict_expression(
     client = resolve_client(client)
     gene_batch = gene_batch or get_options()["gene_batch_size"]
     if cell_chunk is None or gene_batch is None:
-        samples = max([vp.n_groups for vp in (m1.variance_predictor, m2.variance_predictor) if vp is not None] or [0])
-        plan = plan_blocks(len(x), g, _n_inducing(model.function_predictor1, model.function_predictor2), samples, model_bytes(model), memory_target(client))
+        m = _n_inducing(model.function_predictor1, model.function_predictor2)
+        samples = _n_samples(m1.variance_predictor, m2.variance_predictor)
+        plan = plan_blocks(len(x), g, m, samples, model_bytes(model), memory_target(client))
         cell_chunk, gene_batch = cell_chunk or plan.cell_chunk, gene_batch or plan.gene_batch
     chunk, batch = int(cell_chunk), int(gene_batch)
     per_gene = m1.per_gene_variance or m2.per_gene_variance
