@@ -140,3 +140,34 @@ def test_batches_do_not_change_results(case, fitted):
         model.batch_size = None
     for key in ("log_fold_change", "log_fold_change_zscore", "neg_log10_fold_change_ptp"):
         assert_close(again[key], out[key], atol=1e-12, rtol=1e-12, what=key)
+
+
+def test_preconditioned_optimizer_meets_reference_tolerances(case, fitted):
+    """``optimizer="preconditioned"`` reaches the reference within its tolerances, for the condition
+    and every replicate estimator, with fewer L-BFGS-B iterations than the reference's optimiser."""
+    model = DifferentialAbundance().fit(
+        case["in_X_condition1"],
+        case["in_X_condition2"],
+        landmarks=case["in_landmarks"],
+        condition1_sample_indices=case["in_condition1_sample_indices"],
+        condition2_sample_indices=case["in_condition2_sample_indices"],
+        optimizer="preconditioned",
+    )
+    out = model.predict(case["in_X_predict"])
+    for key in ("log_density_condition1", "log_density_condition2", "log_fold_change"):
+        assert_close(out[key], case[f"out_sv_{key}"], atol=2e-3, what=key)
+    assert_close(out["log_fold_change_uncertainty"], case["out_sv_log_fold_change_uncertainty"], 1e-9, 5e-3)
+    assert_close(out["log_fold_change_zscore"], case["out_sv_log_fold_change_zscore"], atol=2e-2, what="zscore")
+    reference, _ = fitted["sv"]
+    for c in (1, 2):
+        new, ref = (getattr(m, f"density_estimator{c}") for m in (model, reference))
+        assert new.optimizer_result.nit < ref.optimizer_result.nit
+    replicate_iters = [
+        (p["iterations"], q["iterations"])
+        for c in (1, 2)
+        for p, q in zip(
+            getattr(model, f"variance_predictor{c}").group_parameters.values(),
+            getattr(reference, f"variance_predictor{c}").group_parameters.values(),
+        )
+    ]
+    assert len(replicate_iters) == 6 and all(new < ref for new, ref in replicate_iters)

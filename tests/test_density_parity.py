@@ -97,3 +97,26 @@ def test_full_covariances_match_diagonals(density_landmarks):
     assert_close(np.diag(p.uncertainty(x, diag=False)), p.uncertainty(x), atol=1e-12)
     full = p.covariance(x, diag=False)
     assert_close(full, full.T, atol=1e-12, what="symmetry")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_preconditioned_optimizer_reaches_the_reference_optimum(name, request):
+    """The opt-in preconditioned L-BFGS-B (not the reference's) lands on the same MAP within the
+    reference's output tolerances, at a loss no worse than the reference's, in fewer iterations."""
+    case = request.getfixturevalue(name)
+    reference = kd.DensityEstimator(**_settings(case)).fit(case["in_X"])
+    est = kd.DensityEstimator(optimizer="preconditioned", **_settings(case)).fit(case["in_X"])
+    assert est.optimizer_result.success
+    assert est.optimizer_result.nit < reference.optimizer_result.nit
+    assert est.optimizer_result.fun <= reference.optimizer_result.fun + 1e-6 * abs(reference.optimizer_result.fun)
+    loss, grad = est.loss_and_gradient(est.pre_transformation)
+    assert_close(loss, est.optimizer_result.fun, rtol=1e-12, what="reported loss is the loss at the reported z")
+    assert np.abs(grad).max() <= np.abs(reference.loss_and_gradient(reference.pre_transformation)[1]).max()
+    for where, x in [("train", case["in_X"]), ("query", case["in_X_query"])]:
+        assert_close(est.predict(x, normalize=True), case[f"out_log_density_{where}"], atol=1e-3, what=where)
+        assert_close(est.predict.uncertainty(x), case[f"out_uncertainty_{where}"], atol=1e-9, rtol=2e-3)
+
+
+def test_unknown_optimizer_is_rejected():
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'.*L-BFGS-B"):
+        kd.DensityEstimator(optimizer="adam")

@@ -114,6 +114,17 @@ def test_multiprocess_cluster_gives_the_same_numbers(case, de_reference, da_mode
     assert da.variance_predictor1.group_parameters == da_model.variance_predictor1.group_parameters
 
 
+def test_progress_bar_shows_a_cluster_run(case, da_model, cluster, tmp_path, capsys):
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(cluster) as client, kd.set_options(progress=True):
+        ds = predict_abundance(da_model, case["in_X_predict"], str(tmp_path / "da.zarr"), cell_chunk=100,
+                               client=client)
+    printed = capsys.readouterr()
+    assert "100% Completed" in printed.out + printed.err
+    assert ds.attrs["kompot_dask"]["complete"]
+    _assert_same(ds, da_model.predict(case["in_X_predict"]))
+
+
 def test_density_fit_reduces_over_chunks_on_the_workers(case, cluster):
     """Condition-level density fits evaluate their objective as one task per cell chunk."""
     distributed = pytest.importorskip("distributed")

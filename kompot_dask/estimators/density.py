@@ -21,6 +21,7 @@ from ._predictor import ChunkedPredictor
 __all__ = ["DensityEstimator", "DensityPredictor", "DensityState"]
 
 MAX_DIMENSION = 50
+OPTIMIZERS = ("L-BFGS-B", "preconditioned")
 
 
 class DensityState(NamedTuple):
@@ -115,6 +116,30 @@ class _Objective:
         return dk.loss_value(z, loglik), z - grad_z
 
 
+class _Preconditioned:
+    """The objective in ``u = R^T z``, ``R R^T = I + L^T L`` (the ridge system of §2.5).
+
+    At the optimum the Hessian ``I + L^T diag(exp(f + V)) L`` has weights that average one
+    (the NN likelihood makes ``exp(f_i + V_i)`` unit-mean), so in ``u`` it is close to the
+    identity whatever the number of cells: L-BFGS then needs few iterations, and their count
+    does not grow with n. The factor is the one the ridge start already computes.
+    """
+
+    def __init__(self, objective: _Objective, factor: np.ndarray):
+        self.objective, self.factor = objective, factor
+
+    def to_latent(self, u: np.ndarray) -> np.ndarray:
+        return np.asarray(la.solve_upper_t(self.factor, np.asarray(u, dtype=np.float64)))
+
+    def from_latent(self, z: np.ndarray) -> np.ndarray:
+        return self.factor.T @ z
+
+    @with_x64
+    def __call__(self, u: np.ndarray) -> tuple[float, np.ndarray]:
+        value, grad_z = self.objective(self.to_latent(u))
+        return value, np.asarray(la.solve_lower(self.factor, grad_z))
+
+
 class DensityEstimator:
     """Gaussian-process estimate of log cell density (Mellon's method, SPEC §2).
 
@@ -138,8 +163,12 @@ class DensityEstimator:
         Precomputed nearest-neighbour distances of the training cells.
     jitter : float
         Added to the diagonal of ``K_ZZ``.
-    optimizer : {"L-BFGS-B"}
-        MAP optimiser (scipy, the reference's options).
+    optimizer : {"L-BFGS-B", "preconditioned"}
+        MAP optimiser. ``"L-BFGS-B"`` is the reference's (scipy, its options): numbers agree
+        with Kompot's, but its iteration count grows with the number of cells.
+        ``"preconditioned"`` (a kompot_dask extension, not in the reference) runs the same
+        L-BFGS-B on ``u = R^T z`` with ``R R^T = I + L^T L``; it reaches the same optimum
+        (to the optimiser tolerance) in far fewer iterations on large data.
     maxiter : int
         L-BFGS-B iteration limit (jaxopt's default 500, as in the reference).
     predictor_with_uncertainty : bool
@@ -182,8 +211,9 @@ class DensityEstimator:
         if d_method not in ("embedding", "fractal", "manual"):
             msg = f"unknown d_method {d_method!r}; use 'embedding', 'fractal', or pass `d`"
             raise ValueError(msg)
-        if optimizer != "L-BFGS-B":
-            raise NotImplementedError(f"optimizer={optimizer!r}: only 'L-BFGS-B' (the reference's) is available")
+        if optimizer not in OPTIMIZERS:
+            msg = f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS} ('L-BFGS-B' is the reference's)"
+            raise ValueError(msg)
         if d is not None:
             d = check_positive(d, "d")
             _check_dimension(d)
@@ -260,14 +290,16 @@ class DensityEstimator:
             gram, rhs = reducer.reduce(gram_rhs, shared)
             self.initial_value = np.asarray(dk.ridge_solve(gram, rhs))
             objective = _Objective(reducer, shared, lp, not full, float(self.mu))
+            if self.optimizer == "preconditioned":
+                objective = _Preconditioned(objective, np.asarray(dk.ridge_factor(gram)))
+                start = objective.from_latent(self.initial_value)
+            else:
+                start = self.initial_value
             result = scipy.optimize.minimize(
-                objective,
-                self.initial_value,
-                jac=True,
-                method="L-BFGS-B",
-                tol=None,
-                options={"maxiter": self.maxiter},
+                objective, start, jac=True, method="L-BFGS-B", tol=None, options={"maxiter": self.maxiter}
             )
+            if self.optimizer == "preconditioned":
+                result.x = objective.to_latent(result.x)  # report the latent z, as for L-BFGS-B
             z = np.asarray(result.x, dtype=np.float64)
             s = None
             if self.predictor_with_uncertainty:

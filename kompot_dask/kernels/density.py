@@ -30,6 +30,7 @@ __all__ = [
     "chunk_gram_rhs",
     "landmark_factor_block",
     "chunk_weighted_sq_colsum",
+    "ridge_factor",
     "ridge_solve",
     "laplace_std",
     "predict_log_density",
@@ -119,10 +120,15 @@ def loss_value(z, loglik_sum):
 
 
 @jax.jit
+def ridge_factor(gram):
+    """``chol(gram + I)`` (lower): the ridge system of §2.5, ``I + L^T L``."""
+    return jnp.linalg.cholesky(gram + jnp.eye(gram.shape[0], dtype=gram.dtype))
+
+
+@jax.jit
 def ridge_solve(gram, rhs):
     """``(gram + I)^-1 rhs``: the ridge (penalty 1, no intercept) initial value of §2.5."""
-    a = gram + jnp.eye(gram.shape[0], dtype=gram.dtype)
-    c = jnp.linalg.cholesky(a)
+    c = ridge_factor(gram)
     return solve_triangular(c.T, solve_triangular(c, rhs, lower=True), lower=False)
 
 
