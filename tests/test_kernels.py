@@ -57,6 +57,13 @@ def test_lloyd_step_is_a_sum_over_chunks():
     assert_close(parts.sums, whole.sums, atol=1e-12)
     np.testing.assert_array_equal(parts.counts, whole.counts)
     assert_close(parts.inertia, whole.inertia, rtol=1e-12)
+    # against a brute-force assignment over the full distance matrix (sub-blocks of 7 rows)
+    d2 = ((x[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
+    labels = d2.argmin(axis=1)
+    blocked = landmarks.lloyd_chunk_stats(x, centers, sub_rows=7)
+    np.testing.assert_array_equal(blocked.counts, np.bincount(labels, minlength=12))
+    assert_close(blocked.sums, np.stack([x[labels == j].sum(axis=0) for j in range(12)]), atol=1e-12)
+    assert_close(blocked.inertia, d2.min(axis=1).sum(), rtol=1e-12)
 
 
 def test_kmeans_finds_separated_clusters_and_is_seeded():

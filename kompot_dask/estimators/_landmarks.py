@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,8 @@ from ._inputs import row_slices
 from ._reduce import open_reducer
 
 __all__ = ["resolve_gp_type", "compute_landmarks", "resolve_inducing", "kmeans_landmarks"]
+
+logger = logging.getLogger("kompot_dask")
 
 MAX_AUTO_LANDMARKS = 5000
 _SUPPORTED = ("full", "fixed", "sparse_cholesky")
@@ -104,12 +107,15 @@ def kmeans_landmarks(
     sample = x if size == n else x[np.sort(rng.choice(n, size=size, replace=False))]
     centers = km.kmeans_plusplus(sample, k, rng)
     threshold = km.lloyd_tolerance(x, tol)
+    steps = 0
     with open_reducer([x[sl] for sl in row_slices(n, k)], "kmeans") as reducer:
-        for _ in range(max_iter):
+        while steps < max_iter:
             stats = km.LloydStats(*reducer.reduce(lloyd_step, centers))
             centers, shift = km.lloyd_update(centers, stats)
+            steps += 1
             if shift <= threshold:
                 break
+    logger.info("k-means: %d landmarks from %d cells, %d Lloyd steps (limit %d)", k, n, steps, max_iter)
     return centers
 
 

@@ -64,16 +64,30 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     return centers
 
 
-def lloyd_chunk_stats(x_chunk: np.ndarray, centers: np.ndarray) -> LloydStats:
-    """Assign the cells of one chunk to their nearest centre and sum them per centre."""
-    d2 = _sq_dist(x_chunk, centers)
-    labels = np.argmin(d2, axis=1)
-    k, dim = centers.shape
-    sums = np.zeros((k, dim))
-    np.add.at(sums, labels, x_chunk)
+def lloyd_chunk_stats(x_chunk: np.ndarray, centers: np.ndarray, sub_rows: int = 256) -> LloydStats:
+    """Assign the cells of one chunk to their nearest centre and sum them per centre.
+
+    Distances are formed ``sub_rows`` cells at a time (a block that stays in cache) as
+    ``|c|^2 - 2 x.c``: the cell's own ``|x|^2`` does not change which centre is nearest,
+    and is added back only for the inertia.
+    """
+    x_chunk = np.asarray(x_chunk, dtype=np.float64)
+    n = len(x_chunk)
+    k = len(centers)
+    scaled_t = np.ascontiguousarray(-2.0 * centers.T)
+    c2 = np.sum(centers * centers, axis=1)
+    labels = np.empty(n, dtype=np.intp)
+    nearest = np.empty(n)
+    for a in range(0, n, sub_rows):
+        block = x_chunk[a : a + sub_rows] @ scaled_t
+        block += c2
+        lab = np.argmin(block, axis=1)
+        labels[a : a + sub_rows] = lab
+        nearest[a : a + sub_rows] = block[np.arange(len(lab)), lab]
     counts = np.bincount(labels, minlength=k).astype(np.float64)
-    inertia = float(d2[np.arange(len(labels)), labels].sum())
-    return LloydStats(sums, counts, inertia)
+    sums = np.stack([np.bincount(labels, weights=col, minlength=k) for col in x_chunk.T], axis=1)
+    inertia = float(np.maximum(nearest + np.sum(x_chunk * x_chunk, axis=1), 0.0).sum())
+    return LloydStats(sums.reshape(k, x_chunk.shape[1]), counts, inertia)
 
 
 def lloyd_update(centers: np.ndarray, stats: LloydStats) -> tuple[np.ndarray, float]:
