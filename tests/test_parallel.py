@@ -125,6 +125,33 @@ def test_progress_bar_shows_a_cluster_run(case, da_model, cluster, tmp_path, cap
     _assert_same(ds, da_model.predict(case["in_X_predict"]))
 
 
+def _row_terms(chunk, scale):
+    """A reducer term with a large (outer product) and a small result."""
+    return np.outer(chunk, chunk) * scale, float(chunk.sum())
+
+
+def test_large_chunk_results_are_gathered_a_window_at_a_time(cluster, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    from kompot_dask.estimators._reduce import LocalChunks
+    from kompot_dask.parallel import reduce as cluster_reduce
+
+    rng = np.random.default_rng(7)
+    chunks = [rng.normal(size=50) for _ in range(9)]
+    expected = LocalChunks(chunks).reduce(_row_terms, 0.5)
+    monkeypatch.setattr(cluster_reduce, "GATHER_BYTES", 3 * 50 * 50 * 8 + 100)  # 3 results per window
+    with distributed.Client(cluster) as client:
+        gathered = []
+        real_gather = client.gather
+        monkeypatch.setattr(client, "gather", lambda fs: gathered.append(len(fs)) or real_gather(fs))
+        with cluster_reduce.ClusterChunks(client, chunks, "window") as reducer:
+            first = reducer.reduce(_row_terms, 0.5)
+            second = reducer.reduce(_row_terms, 0.5)
+    assert gathered == [1, 3, 3, 2] + [3, 3, 3]  # probe one chunk, then windows of 3 in chunk order
+    for got in (first, second):
+        np.testing.assert_array_equal(got[0], expected[0])  # same additions in the same order: same bits
+        assert got[1] == expected[1]
+
+
 def test_density_fit_reduces_over_chunks_on_the_workers(case, cluster):
     """Condition-level density fits evaluate their objective as one task per cell chunk."""
     distributed = pytest.importorskip("distributed")

@@ -7,6 +7,10 @@ L-BFGS evaluation, the Laplace diagonal) becomes one small task per chunk runnin
 chunk lives. Only landmark-sized results travel back; the client adds them in chunk order,
 exactly as :class:`~kompot_dask.estimators._reduce.LocalChunks` does, so the numbers are
 the same bits.
+
+Large per-chunk results (the ridge start's ``m x m`` Gram matrix is 32 MB at m = 2000) are
+computed and gathered a window of chunks at a time, so neither the client nor the workers
+ever hold more than :data:`GATHER_BYTES` of them at once, however many chunks there are.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from __future__ import annotations
 import uuid
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from ..estimators._reduce import add_in_order
 
-__all__ = ["ClusterChunks"]
+__all__ = ["ClusterChunks", "GATHER_BYTES"]
+
+GATHER_BYTES = 256 * 2**20  # per-chunk results in flight at once, per reduction
 
 
 def _hold(obj: Any) -> Any:
@@ -45,6 +53,7 @@ class ClusterChunks:
             for i, chunk in enumerate(chunks)
         ]
         self._shared: list[Any] = []
+        self._windows: dict[str, int] = {}  # chunks in flight per term, from its result size
 
     def share(self, obj: Any):
         """Put ``obj`` on every worker once; the returned future is passed to every chunk term.
@@ -58,20 +67,38 @@ class ClusterChunks:
         return future
 
     def reduce(self, fn: Callable[..., tuple], *args: Any) -> tuple:
-        """``sum_c fn(chunk_c, *args)``: one task per chunk, results added in chunk order."""
+        """``sum_c fn(chunk_c, *args)``: one task per chunk, results added in chunk order.
+
+        The first call of a term runs one chunk alone to learn its result size; then as many
+        chunks run at once as keep their results within :data:`GATHER_BYTES`.
+        """
         self._calls += 1
         term = fn.__name__.replace("_", "-")
-        futures = [
-            self.client.submit(
-                fn, chunk, *args, key=f"kompot-{self.name}-{term}-{i}-{self.run}-{self._calls}", retries=2
-            )
-            for i, chunk in enumerate(self._futures)
-        ]
-        try:
-            return add_in_order(self.client.gather(futures))
-        finally:
-            for future in futures:
-                future.release()
+        total: tuple | None = None
+        start = 0
+        while start < len(self._futures):
+            window = self._windows.get(term, 1)
+            stop = min(start + window, len(self._futures))
+            futures = [
+                self.client.submit(
+                    fn, self._futures[i], *args, key=f"kompot-{self.name}-{term}-{i}-{self.run}-{self._calls}",
+                    retries=2,
+                )
+                for i in range(start, stop)
+            ]
+            try:
+                parts = self.client.gather(futures)
+            finally:
+                for future in futures:
+                    future.release()
+            if term not in self._windows:
+                size = sum(np.asarray(p).nbytes for p in parts[0])
+                self._windows[term] = max(1, GATHER_BYTES // max(size, 1))
+            total = add_in_order(parts if total is None else [total, *parts])
+            start = stop
+        if total is None:
+            raise ValueError("nothing to sum: no chunks")
+        return total
 
     def close(self) -> None:
         """Drop the chunks and shared data from the cluster."""
