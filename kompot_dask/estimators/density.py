@@ -288,10 +288,11 @@ class DensityEstimator:
         with open_reducer(chunks, "density") as reducer:
             shared = reducer.share(prior)
             gram, rhs = reducer.reduce(gram_rhs, shared)
-            self.initial_value = np.asarray(dk.ridge_solve(gram, rhs))
+            factor = np.asarray(dk.ridge_factor(gram))
+            self.initial_value = np.asarray(dk.ridge_solve(factor, rhs))
             objective = _Objective(reducer, shared, lp, not full, float(self.mu))
             if self.optimizer == "preconditioned":
-                objective = _Preconditioned(objective, np.asarray(dk.ridge_factor(gram)))
+                objective = _Preconditioned(objective, factor)
                 start = objective.from_latent(self.initial_value)
             else:
                 start = self.initial_value

@@ -126,10 +126,10 @@ def ridge_factor(gram):
 
 
 @jax.jit
-def ridge_solve(gram, rhs):
-    """``(gram + I)^-1 rhs``: the ridge (penalty 1, no intercept) initial value of §2.5."""
-    c = ridge_factor(gram)
-    return solve_triangular(c.T, solve_triangular(c, rhs, lower=True), lower=False)
+def ridge_solve(factor, rhs):
+    """``(gram + I)^-1 rhs`` from ``factor = ridge_factor(gram)``: the ridge (penalty 1, no
+    intercept) initial value of §2.5."""
+    return solve_triangular(factor.T, solve_triangular(factor, rhs, lower=True), lower=False)
 
 
 @jax.jit
