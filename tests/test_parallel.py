@@ -204,6 +204,37 @@ def test_interrupted_run_resumes_without_recomputing(case, de_model, de_referenc
     _assert_same(ds, de_reference)
 
 
+def test_resume_with_every_gene_batch_done_skips_sigma(case, de_model, de_reference, tmp_path, monkeypatch):
+    """Interrupted after the last Mahalanobis batch: the resume neither recomputes Sigma nor a block."""
+    path = str(tmp_path / "de.zarr")
+    real_finish, real_sigma = engine._finish_expression, engine._sigma_task
+
+    def interrupted_finish(*args, **kwargs):
+        raise KeyboardInterrupt("simulated interruption before the per-gene reductions")
+
+    monkeypatch.setattr(engine, "_finish_expression", interrupted_finish)
+    with pytest.raises(KeyboardInterrupt):
+        predict_expression(de_model, case["in_X_predict"], path, cell_chunk=100, gene_batch=20)
+    group = zarr.open_group(path, mode="r")
+    assert group.attrs["kompot_dask"]["complete"] is False
+    assert group["_done_mahalanobis"][...].all() and group["_done_cells"][...].all()
+
+    sigma_calls = []
+
+    def counting_sigma(*args):
+        sigma_calls.append(1)
+        return real_sigma(*args)
+
+    monkeypatch.setattr(engine, "_finish_expression", real_finish)
+    monkeypatch.setattr(engine, "_sigma_task", counting_sigma)
+    ds = predict_expression(de_model, case["in_X_predict"], path, cell_chunk=100, gene_batch=20)
+    meta = ds.attrs["kompot_dask"]
+    assert sigma_calls == []
+    assert meta["complete"] and meta["blocks_computed_last_run"] == 0
+    assert meta["mahalanobis_branch"] == de_model.mahalanobis_branch
+    _assert_same(ds, de_reference)
+
+
 def test_building_the_graph_computes_nothing(case, de_model, de_reference, tmp_path, monkeypatch):
     """compute=False lays out the store and returns a graph; only computing it runs tasks."""
     import dask

@@ -177,6 +177,9 @@ class SampleVarianceEstimator:
         from ..parallel.results import fingerprint
 
         token = fingerprint(self.estimator_type, kwargs, [xs for _, xs, _ in jobs])[:10]
+        # Each sample's cells travel inside its task rather than being scattered: data in
+        # the graph survives the loss of a worker (the task is simply rerun elsewhere),
+        # which scattered data does not. Distributed warns when that graph is large.
         futures = [
             client.submit(_fit_group, self.estimator_type, xs, ys, kwargs,
                           key=f"kompot-fit-sample-{self.estimator_type}-{g}-{token}")

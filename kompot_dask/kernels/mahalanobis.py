@@ -42,6 +42,7 @@ BRANCH_DENSE = "gene_specific_dense"  # sample + empirical variance: per-gene Ch
 BRANCH_DIAGONAL = "diagonal"  # nearly diagonal Σ, p > 10 (eps is a floor)
 BRANCH_SHARED = "shared_cholesky"  # one Cholesky of Σ + eps I
 BRANCH_FACTOR_TRICK = "shared_factor_trick"  # shared Cholesky + empirical-variance approx.
+BRANCHES = (BRANCH_WOODBURY, BRANCH_DENSE, BRANCH_DIAGONAL, BRANCH_SHARED, BRANCH_FACTOR_TRICK)
 
 DIAGONAL_RATIO = 0.95
 DIAGONAL_MIN_POINTS = 10

@@ -201,8 +201,12 @@ def _expression_task(model, x_chunk, rows, genes, index, path, per_gene):
     return index
 
 
-def _sigma_task(model, points) -> tuple:
-    """``Sigma = Sigma1 + Sigma2`` at the evaluation points, the branch, and its shared Cholesky."""
+def _sigma_task(model, points, path) -> tuple:
+    """``Sigma = Sigma1 + Sigma2`` at the evaluation points, the branch, and its shared Cholesky.
+
+    The branch is also recorded in the store, so that a resumed run whose gene batches are
+    all done can finish without recomputing ``Sigma``.
+    """
     m1, m2 = model._models()
     has_sv = m1.variance_predictor is not None or m2.variance_predictor is not None
     has_ev = m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None
@@ -212,6 +216,7 @@ def _sigma_task(model, points) -> tuple:
         # One Cholesky for every gene batch (the branches that use a shared factor).
         shared_branch = branch in (mk.BRANCH_SHARED, mk.BRANCH_FACTOR_TRICK, mk.BRANCH_WOODBURY)
         lower = np.asarray(mk.shared_cholesky(sigma, model.eps)) if shared_branch else None
+    write_block(path, "_mahalanobis_branch", (slice(0, 1),), np.array([mk.BRANCHES.index(branch)]))
     return np.asarray(sigma), lower, branch
 
 
@@ -324,13 +329,18 @@ def predict_expression(
     if compute_mahalanobis:
         all_batches = [slice(a, min(a + batch, g_all)) for a in range(0, g_all, batch)]
         out.add_array("_mahalanobis_all", (g_all,), (batch,), ("gene_all",))
+        out.add_array("_mahalanobis_branch", (1,), (1,), ("one",), dtype="int8", fill_value=-1, compressors=None)
         out.add_stage("mahalanobis", (len(all_batches),))
-        sigma = dask.delayed(_sigma_task, pure=False)(shared, points, dask_key_name=f"kompot-mahalanobis-sigma-{tag}")
+        pending = out.pending("mahalanobis")
+        # A resume with every gene batch done (and the branch recorded) needs no Sigma.
+        if pending or out.group["_mahalanobis_branch"][0] < 0:
+            sigma = dask.delayed(_sigma_task, pure=False)(
+                shared, points, out.path, dask_key_name=f"kompot-mahalanobis-sigma-{tag}")
         maha = [
             dask.delayed(_mahalanobis_task, pure=False)(
                 shared, points, sigma, all_batches[j], (j,), out.path,
                 dask_key_name=f"kompot-mahalanobis-genes-{j}-{tag}")
-            for (j,) in out.pending("mahalanobis")
+            for (j,) in pending
         ]
     _describe(out, len(cells) * len(genes), n_blocks)
     meta = {"blocks_total": len(cells) * len(genes), "blocks_computed_last_run": n_blocks + len(maha)}
@@ -346,7 +356,10 @@ def _finish_expression_task(model, path, blocks, sigma_parts, meta, batch, n_cel
 
     out = ResultStore(path, zarr.open_group(path, mode="r+"))
     _finish_expression(model, out, n_cells, batch, n_points, maha)
-    out.finish(**meta, mahalanobis_branch=None if sigma_parts is None else sigma_parts[2])
+    branch = None
+    if maha:
+        branch = mk.BRANCHES[int(out.group["_mahalanobis_branch"][0])]
+    out.finish(**meta, mahalanobis_branch=branch)
     return path
 
 
