@@ -66,6 +66,38 @@ def test_lloyd_step_is_a_sum_over_chunks():
     assert_close(blocked.inertia, d2.min(axis=1).sum(), rtol=1e-12)
 
 
+def test_bounded_lloyd_steps_assign_exactly_as_brute_force():
+    """Hamerly bounds skip most distance work yet give the same sums and counts at every step."""
+    rng = np.random.default_rng(5)
+    blobs = rng.normal(scale=3.0, size=(40, 5)) + 100.0  # far from the origin: rounding matters
+    x = np.vstack([b + rng.normal(size=(60, 5)) for b in blobs])
+    chunks = [x[:700], x[700:1777], x[1777:]]
+    centers = x[rng.choice(len(x), 30, replace=False)]
+    bounds = [None] * len(chunks)
+    full = []
+    for _ in range(12):
+        gaps = landmarks.half_gaps(centers)
+        brute = sum((landmarks.lloyd_chunk_stats(c, centers) for c in chunks[1:]),
+                    landmarks.lloyd_chunk_stats(chunks[0], centers))
+        sums, counts, n_full = 0.0, 0.0, 0
+        for i, c in enumerate(chunks):
+            s, n, bounds[i], f = landmarks.lloyd_chunk_bounded(c, centers, gaps, bounds[i], sub_rows=64)
+            sums, counts, n_full = sums + s, counts + n, n_full + f
+        np.testing.assert_array_equal(counts, brute.counts)
+        np.testing.assert_array_equal(sums, brute.sums)
+        full.append(n_full)
+        centers, _ = landmarks.lloyd_update(centers, brute)
+    assert full[0] == len(x)
+    assert full[-1] < 0.1 * len(x)  # late steps touch few cells in full
+    # the bounds hold: upper >= distance to the nearest centre, lower <= every other distance
+    d = np.sqrt(((chunks[1][:, None, :] - bounds[1].centers[None]) ** 2).sum(axis=2))
+    own = d[np.arange(len(d)), bounds[1].labels]
+    np.testing.assert_array_equal(bounds[1].labels, d.argmin(axis=1))
+    assert np.all(bounds[1].upper >= own * (1 - 1e-12))
+    d[np.arange(len(d)), bounds[1].labels] = np.inf
+    assert np.all(bounds[1].lower <= d.min(axis=1) * (1 + 1e-12))
+
+
 def test_kmeans_finds_separated_clusters_and_is_seeded():
     rng = np.random.default_rng(4)
     centres = np.array([[0, 0], [20, 0], [0, 20], [20, 20.0]])

@@ -177,6 +177,27 @@ def test_density_fit_reduces_over_chunks_on_the_workers(case, cluster):
                                rtol=1e-10)
 
 
+def test_kmeans_on_the_cluster_matches_in_process(cluster, caplog):
+    """Lloyd steps as one task per chunk, with per-worker Hamerly bounds: the same centres, bit for bit."""
+    distributed = pytest.importorskip("distributed")
+    from kompot_dask.estimators._landmarks import kmeans_landmarks
+
+    rng = np.random.default_rng(8)
+    x = np.vstack([c + rng.normal(size=(400, 3)) for c in rng.normal(scale=6.0, size=(8, 3))])
+    with kd.set_options(cell_chunk_size=450):
+        local = kmeans_landmarks(x, 40, random_state=1)
+        with distributed.Client(cluster) as client, distributed.get_task_stream(client) as stream, \
+                caplog.at_level("INFO", logger="kompot_dask"):
+            remote = kmeans_landmarks(x, 40, random_state=1)
+    # the workers kept their chunks' bounds between steps: most cells skipped the full distances
+    (line,) = [r.getMessage() for r in caplog.records if "Lloyd steps" in r.getMessage()]
+    assert float(line.split("; ")[1].split("%")[0]) < 50.0, line
+    steps = [t for t in stream.data if str(t["key"]).startswith("kompot-kmeans-lloyd-step-")]
+    assert len(steps) % 8 == 0 and len(steps) >= 16  # 8 chunks per step, several steps
+    assert len({t["worker"] for t in steps}) == 2
+    np.testing.assert_array_equal(remote, local)
+
+
 def test_interrupted_run_resumes_without_recomputing(case, de_model, de_reference, tmp_path, monkeypatch):
     path = str(tmp_path / "de.zarr")
     calls = {"n": 0}

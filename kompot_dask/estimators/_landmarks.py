@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 import numpy as np
@@ -107,18 +108,42 @@ def kmeans_landmarks(
     sample = x if size == n else x[np.sort(rng.choice(n, size=size, replace=False))]
     centers = km.kmeans_plusplus(sample, k, rng)
     threshold = km.lloyd_tolerance(x, tol)
-    steps = 0
+    steps, n_full = 0, 0
     with open_reducer([x[sl] for sl in row_slices(n, k)], "kmeans") as reducer:
         while steps < max_iter:
-            stats = km.LloydStats(*reducer.reduce(lloyd_step, centers))
-            centers, shift = km.lloyd_update(centers, stats)
+            shared = reducer.share((centers, km.half_gaps(centers)))
+            sums, counts, full = reducer.reduce(lloyd_step, shared)
+            reducer.release(shared)
+            centers, shift = km.lloyd_update(centers, km.LloydStats(sums, counts, np.nan))
             steps += 1
+            n_full += int(full[0])
             if shift <= threshold:
                 break
-    logger.info("k-means: %d landmarks from %d cells, %d Lloyd steps (limit %d)", k, n, steps, max_iter)
+    logger.info("k-means: %d landmarks from %d cells, %d Lloyd steps (limit %d); %.1f%% of cell-to-all-centre "
+                "distances computed", k, n, steps, max_iter, 100.0 * n_full / max(n * steps, 1))
     return centers
 
 
-def lloyd_step(x_chunk: np.ndarray, centers: np.ndarray) -> tuple:
-    """One chunk's part of a Lloyd step (a reducer term)."""
-    return tuple(km.lloyd_chunk_stats(x_chunk, centers))
+# Each chunk's Hamerly bounds from its previous Lloyd step, in the process holding the
+# chunk, keyed by the chunk object's id (dropped when the chunk is). Only a speed-up: a
+# chunk without bounds (first step, a new worker, a rerun) is assigned in full, to the
+# same centres.
+_BOUNDS: dict[int, tuple[weakref.ref, km.LloydBounds]] = {}
+
+
+def _forget(key: int) -> None:
+    _BOUNDS.pop(key, None)
+
+
+def lloyd_step(x_chunk: np.ndarray, shared: tuple) -> tuple:
+    """One chunk's part of a Lloyd step (a reducer term): per-centre sums, counts, cells in full."""
+    centers, gaps = shared
+    key = id(x_chunk)
+    entry = _BOUNDS.get(key)
+    bounds = entry[1] if entry is not None and entry[0]() is x_chunk else None
+    sums, counts, bounds, n_full = km.lloyd_chunk_bounded(x_chunk, centers, gaps, bounds)
+    try:
+        _BOUNDS[key] = (weakref.ref(x_chunk, lambda _, key=key: _forget(key)), bounds)
+    except TypeError:  # not weak-referenceable: no bounds kept
+        pass
+    return sums, counts, np.array([n_full])

@@ -43,6 +43,9 @@ class LocalChunks:
         """Make ``obj`` available to every chunk's term (here: itself)."""
         return obj
 
+    def release(self, shared) -> None:
+        """Forget what :meth:`share` returned (nothing to do here)."""
+
     def reduce(self, fn: Callable[..., tuple], *args) -> tuple:
         """``sum_c fn(chunk_c, *args)``."""
         return add_in_order(fn(chunk, *args) for chunk in self.chunks)

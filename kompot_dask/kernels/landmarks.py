@@ -11,8 +11,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from scipy.spatial.distance import cdist
 
-__all__ = ["LloydStats", "kmeans_plusplus", "lloyd_chunk_stats", "lloyd_update", "lloyd_tolerance"]
+__all__ = [
+    "LloydStats", "LloydBounds", "kmeans_plusplus", "lloyd_chunk_stats", "lloyd_chunk_bounded", "half_gaps",
+    "lloyd_update", "lloyd_tolerance",
+]
+
+# Bounds are trusted only with this relative margin, far above their accumulated rounding.
+_BOUND_MARGIN = 1e-9
 
 
 class LloydStats(NamedTuple):
@@ -88,6 +95,116 @@ def lloyd_chunk_stats(x_chunk: np.ndarray, centers: np.ndarray, sub_rows: int = 
     sums = np.stack([np.bincount(labels, weights=col, minlength=k) for col in x_chunk.T], axis=1)
     inertia = float(np.maximum(nearest + np.sum(x_chunk * x_chunk, axis=1), 0.0).sum())
     return LloydStats(sums.reshape(k, x_chunk.shape[1]), counts, inertia)
+
+
+class LloydBounds(NamedTuple):
+    """Distance bounds of one chunk's cells (Hamerly's k-means acceleration).
+
+    Valid for any later centres: moving the centres only loosens them by the shifts.
+    ``centers`` is kept by reference and must not be modified afterwards.
+    """
+
+    centers: np.ndarray  # (k, D) the centres the bounds were computed against
+    labels: np.ndarray  # (n,) nearest centre
+    upper: np.ndarray  # (n,) at least the distance to the nearest centre
+    lower: np.ndarray  # (n,) at most the distance to any other centre
+
+
+def half_gaps(centers: np.ndarray) -> np.ndarray:
+    """Half the distance from each centre to its nearest other centre (``inf`` for one centre).
+
+    A cell closer than this to its assigned centre cannot be nearer to another one.
+    """
+    centers = np.asarray(centers, dtype=np.float64)
+    if len(centers) < 2:
+        return np.full(len(centers), np.inf)
+    d = cdist(centers, centers)  # direct differences: accurate for close centres
+    np.fill_diagonal(d, np.inf)
+    return 0.5 * d.min(axis=1)
+
+
+def _assign(x: np.ndarray, centers: np.ndarray, sub_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest centre of each cell, its distance, and a lower bound on the second nearest."""
+    n, k = len(x), len(centers)
+    scaled_t = np.ascontiguousarray(-2.0 * centers.T)
+    c2 = np.sum(centers * centers, axis=1)
+    x2 = np.sum(x * x, axis=1)
+    labels = np.empty(n, dtype=np.intp)
+    second = np.full(n, np.inf)
+    for a in range(0, n, sub_rows):
+        block = x[a : a + sub_rows] @ scaled_t
+        block += c2
+        labels[a : a + sub_rows] = np.argmin(block, axis=1)
+        if k > 1:
+            second[a : a + sub_rows] = np.partition(block, 1, axis=1)[:, 1]
+    upper = np.sqrt(np.sum((x - centers[labels]) ** 2, axis=1))
+    # |c|^2 - 2 x.c + |x|^2 is off by at most a few eps (|x|^2 + |c|^2): round down by more.
+    slack = 1e-13 * (x2 + c2.max())
+    lower = np.sqrt(np.maximum(second + x2 - slack, 0.0))
+    return labels, upper, lower
+
+
+def lloyd_chunk_bounded(
+    x_chunk: np.ndarray,
+    centers: np.ndarray,
+    gaps: np.ndarray,
+    bounds: LloydBounds | None = None,
+    sub_rows: int = 256,
+) -> tuple[np.ndarray, np.ndarray, LloydBounds, int]:
+    """One chunk's part of a Lloyd step, skipping cells whose nearest centre cannot have changed.
+
+    The assignment is the one :func:`lloyd_chunk_stats` makes: with ``bounds`` from an
+    earlier step (Hamerly's algorithm), a cell keeps its centre when its upper bound is
+    below both the half gap of that centre and its lower bound to every other centre
+    (with a margin far above rounding); only the other cells get their distances to all
+    centres.
+
+    Parameters
+    ----------
+    x_chunk : ndarray (n, D)
+    centers : ndarray (k, D)
+    gaps : ndarray (k,)
+        :func:`half_gaps` of ``centers``.
+    bounds : LloydBounds, optional
+        This chunk's bounds from any earlier step; without them every cell is assigned in full.
+    sub_rows : int
+        Cells per distance block.
+
+    Returns
+    -------
+    sums : ndarray (k, D)
+    counts : ndarray (k,)
+    bounds : LloydBounds
+        For the next step.
+    n_full : int
+        Cells whose distances to all centres were computed.
+    """
+    x = np.asarray(x_chunk, dtype=np.float64)
+    centers = np.asarray(centers, dtype=np.float64)
+    n, k = len(x), len(centers)
+    if bounds is None or bounds.centers.shape != centers.shape or len(bounds.labels) != n:
+        labels, upper, lower = _assign(x, centers, sub_rows)
+        n_full = n
+    else:
+        shift = np.sqrt(np.sum((centers - bounds.centers) ** 2, axis=1))
+        labels = bounds.labels.copy()
+        upper = bounds.upper + shift[labels]
+        if k > 1:
+            top2 = np.argsort(shift)[-2:]
+            largest_other = np.where(labels == top2[1], shift[top2[0]], shift[top2[1]])
+        else:
+            largest_other = 0.0
+        lower = bounds.lower - largest_other
+        limit = np.maximum(gaps[labels], lower)
+        check = np.flatnonzero(upper * (1 + _BOUND_MARGIN) > limit)
+        upper[check] = np.sqrt(np.sum((x[check] - centers[labels[check]]) ** 2, axis=1))
+        redo = check[upper[check] * (1 + _BOUND_MARGIN) > limit[check]]
+        if redo.size:
+            labels[redo], upper[redo], lower[redo] = _assign(x[redo], centers, sub_rows)
+        n_full = int(redo.size)
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    sums = np.stack([np.bincount(labels, weights=col, minlength=k) for col in x.T], axis=1)
+    return sums.reshape(k, x.shape[1]), counts, LloydBounds(centers, labels, upper, lower), n_full
 
 
 def lloyd_update(centers: np.ndarray, stats: LloydStats) -> tuple[np.ndarray, float]:

@@ -66,6 +66,11 @@ class ClusterChunks:
         self._shared.append(future)
         return future
 
+    def release(self, future: Any) -> None:
+        """Drop a future returned by :meth:`share` from the cluster (before :meth:`close`)."""
+        future.release()
+        self._shared = [f for f in self._shared if f is not future]
+
     def reduce(self, fn: Callable[..., tuple], *args: Any) -> tuple:
         """``sum_c fn(chunk_c, *args)``: one task per chunk, results added in chunk order.
 
