@@ -3,18 +3,20 @@
     python benchmarks/scale.py --cells 100000 --genes 1000
     python benchmarks/scale.py --cells N --genes G [--samples 3] [--landmarks 2000] [--dims 10]
                                [--workers 2] [--memory-limit 5GB] [--workdir DIR]
-                               [--optimizer {L-BFGS-B,preconditioned}]
+                               [--optimizer {L-BFGS-B,preconditioned}] [--stop-after STAGE]
 
 Runs on a LocalCluster of worker processes: per-sample density and expression fits are
 tasks; DA and DE predictions stream to zarr as (cell chunk x gene batch) tasks. Prints wall
 time per stage, the peak resident memory of the workers (sampled on the workers) and of
-this client process, and ends with one JSON line.
+this client process, and ends with one JSON line. ``--stop-after landmarks`` (or any
+stage) times the stages up to that one only; its JSON says ``"complete": false``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -95,15 +97,18 @@ def main() -> None:
                         help="density MAP optimiser: the reference's (default) or the opt-in preconditioned one")
     parser.add_argument("--cell-chunk", type=int, default=None,
                         help="cells per prediction task (default: planned from the worker memory limit)")
+    parser.add_argument("--stop-after", default=None, choices=STAGES[1:-1],
+                        help="stop after this stage (times the stages up to it; complete is false)")
     args = parser.parse_args()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("    %(message)s"))
+    logging.getLogger("kompot_dask").addHandler(handler)  # k-means steps, fits: progress lines
+    logging.getLogger("kompot_dask").setLevel(logging.INFO)
 
     import dask.array as da
     import zarr
     from distributed import Client, LocalCluster
 
-    import kompot_dask as kd
-    from kompot_dask.estimators._landmarks import kmeans_landmarks
-    from kompot_dask.parallel import predict_abundance, predict_expression
     from kompot_dask.parallel.cluster import PLUGIN_NAME, JaxWorkerSetup, _as_plugin
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="kompot-scale-")
@@ -118,6 +123,8 @@ def main() -> None:
         out = fn()
         stages[name] = round(time.perf_counter() - t0, 3)
         print(f"{name:>20}: {stages[name]:9.2f} s", flush=True)
+        if name == args.stop_after:
+            raise _StopAfter
         return out
 
     atlas_path = os.path.join(workdir, "atlas.zarr")
@@ -130,25 +137,23 @@ def main() -> None:
     x1, x2, y1, y2 = x[:n1], x[n1:], y[:n1], y[n1:]
     s1, s2 = sample[:n1], sample[n1:]
 
+    da_model = da_ds = de_ds = None
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                       memory_limit=args.memory_limit, dashboard_address=":0") as cluster, Client(cluster) as client:
         client.register_plugin(_as_plugin(JaxWorkerSetup(1)), name=PLUGIN_NAME)
         sampler = WorkerPeak(client)
-        landmarks = timed("landmarks", lambda: kmeans_landmarks(x, args.landmarks, random_state=0))
-        da_model = timed("da_fit", lambda: kd.DifferentialAbundance().fit(
-            x1, x2, landmarks=landmarks, condition1_sample_indices=s1, condition2_sample_indices=s2,
-            optimizer=args.optimizer))
-        da_ds = timed("da_predict", lambda: predict_abundance(
-            da_model, x, os.path.join(workdir, "da.zarr"), client=client, cell_chunk=args.cell_chunk,
-            overwrite=True))
-        de_model = timed("de_fit", lambda: kd.DifferentialExpression().fit(
-            x1, y1, x2, y2, landmarks=landmarks, condition1_sample_indices=s1, condition2_sample_indices=s2))
-        de_ds = timed("de_predict", lambda: predict_expression(
-            de_model, x, os.path.join(workdir, "de.zarr"), client=client, cell_chunk=args.cell_chunk,
-            dtype="float32", overwrite=True))
+        try:
+            da_model, da_ds, de_ds = _run_stages(args, timed, client, workdir, x, x1, x2, y1, y2, s1, s2)
+        except _StopAfter:
+            pass
         sampler.stop()
-    de_block = dict(zip(("cell_chunk", "gene_batch"), de_ds["fold_change"].encoding["chunks"]))
-    complete = bool(da_ds.attrs["kompot_dask"]["complete"] and de_ds.attrs["kompot_dask"]["complete"])
+    de_block = None if de_ds is None else dict(zip(("cell_chunk", "gene_batch"), de_ds["fold_change"].encoding["chunks"]))
+    complete = bool(de_ds is not None and da_ds.attrs["kompot_dask"]["complete"]
+                    and de_ds.attrs["kompot_dask"]["complete"])
+    iterations = None if da_model is None else {
+        "condition1": int(da_model.density_estimator1.optimizer_result.nit),
+        "condition2": int(da_model.density_estimator2.optimizer_result.nit),
+    }
     result = {
         "cells": args.cells,
         "genes": args.genes,
@@ -161,12 +166,10 @@ def main() -> None:
         "peak_worker_memory_bytes": int(sampler.worker_peak),
         "peak_client_memory_bytes": int(sampler.client_peak),
         "stages": stages,
+        "stopped_after": args.stop_after,
         "de_block": de_block,
         "optimizer": args.optimizer,
-        "density_iterations": {
-            "condition1": int(da_model.density_estimator1.optimizer_result.nit),
-            "condition2": int(da_model.density_estimator2.optimizer_result.nit),
-        },
+        "density_iterations": iterations,
         "complete": complete,
         "machine": f"{platform.node()} {os.cpu_count()} cores",
     }
@@ -174,6 +177,34 @@ def main() -> None:
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result))
+
+
+STAGES = ("generate", "landmarks", "da_fit", "da_predict", "de_fit", "de_predict")
+
+
+class _StopAfter(Exception):
+    """Raised after the ``--stop-after`` stage."""
+
+
+def _run_stages(args, timed, client, workdir, x, x1, x2, y1, y2, s1, s2):
+    """The timed stages after generation; returns the DA model and the two result datasets."""
+    import kompot_dask as kd
+    from kompot_dask.estimators._landmarks import kmeans_landmarks
+    from kompot_dask.parallel import predict_abundance, predict_expression
+
+    landmarks = timed("landmarks", lambda: kmeans_landmarks(x, args.landmarks, random_state=0))
+    da_model = timed("da_fit", lambda: kd.DifferentialAbundance().fit(
+        x1, x2, landmarks=landmarks, condition1_sample_indices=s1, condition2_sample_indices=s2,
+        optimizer=args.optimizer))
+    da_ds = timed("da_predict", lambda: predict_abundance(
+        da_model, x, os.path.join(workdir, "da.zarr"), client=client, cell_chunk=args.cell_chunk,
+        overwrite=True))
+    de_model = timed("de_fit", lambda: kd.DifferentialExpression().fit(
+        x1, y1, x2, y2, landmarks=landmarks, condition1_sample_indices=s1, condition2_sample_indices=s2))
+    de_ds = timed("de_predict", lambda: predict_expression(
+        de_model, x, os.path.join(workdir, "de.zarr"), client=client, cell_chunk=args.cell_chunk,
+        dtype="float32", overwrite=True))
+    return da_model, da_ds, de_ds
 
 
 if __name__ == "__main__":
