@@ -134,9 +134,11 @@ def _assign(x: np.ndarray, centers: np.ndarray, sub_rows: int) -> tuple[np.ndarr
     for a in range(0, n, sub_rows):
         block = x[a : a + sub_rows] @ scaled_t
         block += c2
-        labels[a : a + sub_rows] = np.argmin(block, axis=1)
-        if k > 1:
-            second[a : a + sub_rows] = np.partition(block, 1, axis=1)[:, 1]
+        lab = np.argmin(block, axis=1)
+        labels[a : a + sub_rows] = lab
+        if k > 1:  # the second smallest: hide the smallest (cheaper than a partition)
+            block[np.arange(len(lab)), lab] = np.inf
+            second[a : a + sub_rows] = block.min(axis=1)
     upper = np.sqrt(np.sum((x - centers[labels]) ** 2, axis=1))
     # |c|^2 - 2 x.c + |x|^2 is off by at most a few eps (|x|^2 + |c|^2): round down by more.
     slack = 1e-13 * (x2 + c2.max())
