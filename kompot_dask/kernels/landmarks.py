@@ -74,27 +74,21 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
 def lloyd_chunk_stats(x_chunk: np.ndarray, centers: np.ndarray, sub_rows: int = 256) -> LloydStats:
     """Assign the cells of one chunk to their nearest centre and sum them per centre.
 
-    Distances are formed ``sub_rows`` cells at a time (a block that stays in cache) as
-    ``|c|^2 - 2 x.c``: the cell's own ``|x|^2`` does not change which centre is nearest,
-    and is added back only for the inertia.
+    Distances to all centres are formed ``sub_rows`` cells at a time (a block that stays
+    in cache) as ``|c|^2 - 2 x.c``: the cell's own ``|x|^2`` does not change which centre
+    is nearest. :func:`lloyd_chunk_bounded` makes the same assignment with less work.
     """
-    x_chunk = np.asarray(x_chunk, dtype=np.float64)
-    n = len(x_chunk)
-    k = len(centers)
-    scaled_t = np.ascontiguousarray(-2.0 * centers.T)
-    c2 = np.sum(centers * centers, axis=1)
-    labels = np.empty(n, dtype=np.intp)
-    nearest = np.empty(n)
-    for a in range(0, n, sub_rows):
-        block = x_chunk[a : a + sub_rows] @ scaled_t
-        block += c2
-        lab = np.argmin(block, axis=1)
-        labels[a : a + sub_rows] = lab
-        nearest[a : a + sub_rows] = block[np.arange(len(lab)), lab]
+    x = np.asarray(x_chunk, dtype=np.float64)
+    labels, upper, _ = _assign(x, np.asarray(centers, dtype=np.float64), sub_rows)
+    sums, counts = _per_centre(x, labels, len(centers))
+    return LloydStats(sums, counts, float(np.sum(upper * upper)))
+
+
+def _per_centre(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinate sums and counts of the cells assigned to each of ``k`` centres."""
     counts = np.bincount(labels, minlength=k).astype(np.float64)
-    sums = np.stack([np.bincount(labels, weights=col, minlength=k) for col in x_chunk.T], axis=1)
-    inertia = float(np.maximum(nearest + np.sum(x_chunk * x_chunk, axis=1), 0.0).sum())
-    return LloydStats(sums.reshape(k, x_chunk.shape[1]), counts, inertia)
+    sums = np.stack([np.bincount(labels, weights=col, minlength=k) for col in x.T], axis=1)
+    return sums.reshape(k, x.shape[1]), counts
 
 
 class LloydBounds(NamedTuple):
@@ -204,9 +198,8 @@ def lloyd_chunk_bounded(
         if redo.size:
             labels[redo], upper[redo], lower[redo] = _assign(x[redo], centers, sub_rows)
         n_full = int(redo.size)
-    counts = np.bincount(labels, minlength=k).astype(np.float64)
-    sums = np.stack([np.bincount(labels, weights=col, minlength=k) for col in x.T], axis=1)
-    return sums.reshape(k, x.shape[1]), counts, LloydBounds(centers, labels, upper, lower), n_full
+    sums, counts = _per_centre(x, labels, k)
+    return sums, counts, LloydBounds(centers, labels, upper, lower), n_full
 
 
 def lloyd_update(centers: np.ndarray, stats: LloydStats) -> tuple[np.ndarray, float]:
