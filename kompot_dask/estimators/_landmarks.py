@@ -114,7 +114,7 @@ def kmeans_landmarks(
             shared = reducer.share((centers, km.half_gaps(centers)))
             sums, counts, full = reducer.reduce(lloyd_step, shared)
             reducer.release(shared)
-            centers, shift = km.lloyd_update(centers, km.LloydStats(sums, counts, np.nan))
+            centers, shift = km.lloyd_update(centers, sums, counts)
             steps += 1
             n_full += int(full[0])
             if shift <= threshold:

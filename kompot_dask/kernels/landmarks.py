@@ -202,14 +202,14 @@ def lloyd_chunk_bounded(
     return sums, counts, LloydBounds(centers, labels, upper, lower), n_full
 
 
-def lloyd_update(centers: np.ndarray, stats: LloydStats) -> tuple[np.ndarray, float]:
-    """New centres from combined chunk stats, and the squared centre shift.
+def lloyd_update(centers: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, float]:
+    """New centres from the per-centre sums and counts of all chunks, and the squared centre shift.
 
     A centre that lost all its cells stays where it was.
     """
-    filled = stats.counts > 0
+    filled = counts > 0
     new = centers.copy()
-    new[filled] = stats.sums[filled] / stats.counts[filled, None]
+    new[filled] = sums[filled] / counts[filled, None]
     return new, float(np.sum((new - centers) ** 2))
 
 
