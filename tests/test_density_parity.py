@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from conftest import assert_close
@@ -120,3 +122,29 @@ def test_preconditioned_optimizer_reaches_the_reference_optimum(name, request):
 def test_unknown_optimizer_is_rejected():
     with pytest.raises(ValueError, match="unknown optimizer 'adam'.*L-BFGS-B"):
         kd.DensityEstimator(optimizer="adam")
+
+
+def test_the_log_reports_iterations_and_suggests_the_faster_optimizer(density_landmarks, caplog, monkeypatch):
+    """Every fit logs its iterations; a slow reference fit hints at the preconditioned optimiser,
+    and a fit stopped at ``maxiter`` warns (the default optimiser stays the reference's)."""
+    from kompot_dask.estimators import density
+
+    case = density_landmarks
+    caplog.set_level(logging.INFO, logger="kompot_dask")
+    est = kd.DensityEstimator(**_settings(case)).fit(case["in_X"])
+    nit = est.optimizer_result.nit
+    assert est.optimizer == "L-BFGS-B"
+    assert f"density fit: L-BFGS-B, {nit} iterations" in caplog.text
+    assert "preconditioned" not in caplog.text and nit <= density.SLOW_ITERATIONS
+
+    caplog.clear()
+    monkeypatch.setattr(density, "SLOW_ITERATIONS", nit - 1)
+    kd.DensityEstimator(**_settings(case)).fit(case["in_X"])
+    assert "optimizer='preconditioned' reaches the same optimum" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    caplog.clear()
+    capped = kd.DensityEstimator(maxiter=3, **_settings(case)).fit(case["in_X"])
+    assert capped.optimizer_result.nit == 3
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "stopped at its iteration limit (maxiter=3)" in warning.getMessage()
