@@ -87,3 +87,24 @@ def test_density_landmarks_equal_to_cells_meets_full_gp(density_full):
     # L differs by jitter terms only (K Lp^-T = Lp - j Lp^-T), so densities agree to ~1e-3
     assert_close(lm.predict(x, normalize=True), full.predict(x, normalize=True), atol=2e-3)
     assert_close(lm.predict.covariance(x), full.predict.covariance(x), atol=1e-8)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 97, 600])
+def test_nn_distances_independent_of_chunks_and_query_order(density_full, chunk):
+    """Searched in tree order by chunks, the distances are the exact ones in the cells' own order,
+    bit for bit the same for every chunking (duplicated cells get 0)."""
+    from scipy.spatial.distance import cdist
+
+    from kompot_dask.estimators._neighbors import nn_distances
+
+    x = np.vstack([density_full["in_X"], density_full["in_X"][:3]])  # 3 duplicated cells
+    exact = cdist(x, x)
+    np.fill_diagonal(exact, np.inf)
+    with kd.set_options(cell_chunk_size=chunk):
+        got = nn_distances(x)
+        got32 = nn_distances(x, float32=True)
+    assert_close(got, exact.min(axis=1), rtol=1e-12, what="float64 distances")
+    assert (got[[0, 1, 2, -3, -2, -1]] == 0).all()
+    with kd.set_options(cell_chunk_size=len(x)):
+        np.testing.assert_array_equal(got32, nn_distances(x, float32=True))
+    assert_close(got32[3:-3], density_full["out_nn_distances"][3:], rtol=2e-7, what="float32 as the reference")

@@ -198,6 +198,22 @@ def test_kmeans_on_the_cluster_matches_in_process(cluster, caplog):
     np.testing.assert_array_equal(remote, local)
 
 
+def test_nn_distances_on_the_cluster_match_in_process(cluster):
+    """One search task per chunk against the shared tree, on both workers: the same bits."""
+    distributed = pytest.importorskip("distributed")
+    from kompot_dask.estimators._neighbors import nn_distances
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 5))
+    with kd.set_options(cell_chunk_size=400):
+        local = nn_distances(x, float32=True)
+        with distributed.Client(cluster) as client, distributed.get_task_stream(client) as stream:
+            remote = nn_distances(x, float32=True)
+    tasks = [t for t in stream.data if str(t["key"]).startswith("kompot-nn-search-chunk-")]
+    assert len(tasks) == 8 and len({t["worker"] for t in tasks}) == 2
+    np.testing.assert_array_equal(remote, local)
+
+
 def test_interrupted_run_resumes_without_recomputing(case, de_model, de_reference, tmp_path, monkeypatch):
     path = str(tmp_path / "de.zarr")
     calls = {"n": 0}

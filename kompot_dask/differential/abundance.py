@@ -10,6 +10,7 @@ from .._jax import with_x64
 from ..estimators import DensityEstimator
 from ..estimators._inputs import as_cell_states, check_landmarks, row_slices
 from ..estimators._landmarks import compute_landmarks
+from ..estimators._neighbors import nn_distances
 from ..kernels import density_params as dp
 from ..kernels import differential as dk
 from ..kernels import neighbors as nb
@@ -260,7 +261,7 @@ def _synced_parameters(xc: np.ndarray, kwargs: dict) -> tuple[dict[str, float], 
         out["d"] = nb.fractal_dimension(tree, xc)[0] if method == "fractal" else float(xc.shape[1])
     d = out.get("d", kwargs.get("d"))
     need_nn = kwargs.get("mu") is None or kwargs.get("ls") is None
-    nn = np.concatenate([nb.nn_distances_chunk(tree, xc[sl], f32) for sl in row_slices(len(xc), 1)]) if need_nn else None
+    nn = nn_distances(xc, tree, f32) if need_nn else None
     if need_nn and not (nn > 0).all():
         # The reference takes ln 0 here (ls = 0, mu = -inf) and its fit then fails; say why instead.
         msg = (

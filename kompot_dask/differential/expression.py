@@ -10,7 +10,7 @@ from .._jax import with_x64
 from ..estimators import FunctionEstimator
 from ..estimators._inputs import as_cell_states, as_expression, check_landmarks, row_slices
 from ..estimators._landmarks import compute_landmarks
-from ..estimators.density import nn_distances
+from ..estimators._neighbors import nn_distances
 from ..fdr import compute_fdr
 from ..kernels import mahalanobis as mk
 from ..options import get_options

@@ -1,7 +1,8 @@
 """Sums over chunks of cells: in this process, or on the active dask cluster.
 
 A fit that needs ``sum_c term(chunk_c, *args)`` (the density objective, the ridge start,
-a Lloyd step...) cuts its cells into chunks and asks :func:`open_reducer` for a reducer:
+a Lloyd step...) or ``[term(chunk_c, *args)]`` (nearest-neighbour distances) cuts its
+cells into chunks and asks :func:`open_reducer` for a reducer:
 :class:`LocalChunks` adds the terms here, one chunk after another;
 :class:`kompot_dask.parallel.reduce.ClusterChunks` runs one task per chunk on the worker
 holding that chunk. Both add the parts in chunk order, so they give the same numbers.
@@ -49,6 +50,10 @@ class LocalChunks:
     def reduce(self, fn: Callable[..., tuple], *args) -> tuple:
         """``sum_c fn(chunk_c, *args)``."""
         return add_in_order(fn(chunk, *args) for chunk in self.chunks)
+
+    def map(self, fn: Callable[..., Any], *args) -> list:
+        """``[fn(chunk_c, *args) for every chunk]``, in chunk order."""
+        return [fn(chunk, *args) for chunk in self.chunks]
 
     def close(self) -> None:
         pass

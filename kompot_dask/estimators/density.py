@@ -17,6 +17,7 @@ from ._density_terms import DensityChunk, Prior, gram_rhs, hessian_diag, loglik_
 from ._reduce import LocalChunks, open_reducer
 from ._inputs import as_cell_states, check_landmarks, check_positive, row_slices
 from ._landmarks import resolve_inducing
+from ._neighbors import nn_distances
 from ._predictor import ChunkedPredictor
 
 __all__ = ["DensityEstimator", "DensityPredictor", "DensityState"]
@@ -39,12 +40,6 @@ class DensityState(NamedTuple):
     mu: float
     ls: float
     n_obs: int
-
-
-def nn_distances(x: np.ndarray, tree=None, float32: bool = False) -> np.ndarray:
-    """Distance of every cell of ``x`` to its nearest other cell (exact search, by chunks)."""
-    tree = nb.build_tree(x) if tree is None else tree
-    return np.concatenate([nb.nn_distances_chunk(tree, x[sl], float32) for sl in row_slices(len(x), 1)])
 
 
 class DensityPredictor(ChunkedPredictor):

@@ -15,7 +15,7 @@ from ._reduce import open_reducer
 from ._inputs import as_cell_states, as_expression, check_landmarks, check_positive, read_rows, row_slices
 from ._landmarks import resolve_inducing
 from ._predictor import ChunkedPredictor
-from .density import nn_distances
+from ._neighbors import nn_distances
 
 __all__ = ["FunctionEstimator", "FunctionPredictor", "FunctionState"]
 

@@ -77,9 +77,21 @@ class ClusterChunks:
         The first call of a term runs one chunk alone to learn its result size; then as many
         chunks run at once as keep their results within :data:`GATHER_BYTES`.
         """
+        total: tuple | None = None
+        for parts in self._windows_of_parts(fn, args):
+            total = add_in_order(parts if total is None else [total, *parts])
+        if total is None:
+            raise ValueError("nothing to sum: no chunks")
+        return total
+
+    def map(self, fn: Callable[..., Any], *args: Any) -> list:
+        """``[fn(chunk_c, *args) for every chunk]``, one task per chunk, in chunk order."""
+        return [part for parts in self._windows_of_parts(fn, args) for part in parts]
+
+    def _windows_of_parts(self, fn: Callable[..., Any], args: tuple):
+        """Run ``fn`` on every chunk, a window of chunks at a time; yield each window's results."""
         self._calls += 1
         term = fn.__name__.replace("_", "-")
-        total: tuple | None = None
         start = 0
         while start < len(self._futures):
             window = self._windows.get(term, 1)
@@ -97,13 +109,11 @@ class ClusterChunks:
                 for future in futures:
                     future.release()
             if term not in self._windows:
-                size = sum(np.asarray(p).nbytes for p in parts[0])
+                first = parts[0] if isinstance(parts[0], tuple) else (parts[0],)
+                size = sum(np.asarray(p).nbytes for p in first)
                 self._windows[term] = max(1, GATHER_BYTES // max(size, 1))
-            total = add_in_order(parts if total is None else [total, *parts])
+            yield parts
             start = stop
-        if total is None:
-            raise ValueError("nothing to sum: no chunks")
-        return total
 
     def close(self) -> None:
         """Drop the chunks and shared data from the cluster."""
