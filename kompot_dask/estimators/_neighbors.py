@@ -1,9 +1,10 @@
 """Nearest-neighbour distances of training cells (SPEC §1.3), one task per chunk of cells.
 
 The KD-tree of all cells is built once and shared with every chunk's task. Cells are
-queried in the tree's own leaf order: neighbouring queries then walk the same tree nodes,
-which halves the search time on large inputs. The search is exact and each query is
-independent, so the order changes nothing in the result.
+queried in the tree's own leaf order: neighbouring queries then walk the same tree nodes
+while they are in cache (3.2x faster than the cells' own order at 500,000 cells,
+``benchmarks/neighbors.py``). The search is exact and each query is independent, so the
+order changes nothing in the result.
 """
 
 from __future__ import annotations
