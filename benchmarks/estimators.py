@@ -111,7 +111,7 @@ def main() -> None:
 
     import kompot_dask as kd
     from kompot_dask.estimators._landmarks import kmeans_landmarks
-    from kompot_dask.options import cell_chunk_rows
+    from kompot_dask.execution.plan import cell_chunk_rows
 
     print(
         f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | "

@@ -114,7 +114,7 @@ def main() -> None:
     import zarr
     from distributed import Client, LocalCluster
 
-    from kompot_dask.parallel.cluster import PLUGIN_NAME, JaxWorkerSetup, _as_plugin
+    from kompot_dask.execution.cluster import PLUGIN_NAME, JaxWorkerSetup, _as_plugin
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="kompot-scale-")
     os.makedirs(workdir, exist_ok=True)

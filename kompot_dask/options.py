@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ["set_options", "get_options", "cell_chunk_rows"]
+__all__ = ["set_options", "get_options"]
 
 
 def _positive_int_or_none(value: Any) -> bool:
@@ -90,10 +90,3 @@ class set_options:
 
     def __exit__(self, *exc: object) -> None:
         _OPTIONS.update(self._previous)
-
-
-def cell_chunk_rows(n_columns: int) -> int:
-    """Cells per chunk for a block with ``n_columns`` float64 columns (landmarks)."""
-    if _OPTIONS["cell_chunk_size"] is not None:
-        return int(_OPTIONS["cell_chunk_size"])
-    return max(256, int(_OPTIONS["chunk_memory_bytes"] // (8 * max(n_columns, 1))))

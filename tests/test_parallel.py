@@ -132,8 +132,8 @@ def _row_terms(chunk, scale):
 
 def test_large_chunk_results_are_gathered_a_window_at_a_time(cluster, monkeypatch):
     distributed = pytest.importorskip("distributed")
-    from kompot_dask.estimators._reduce import LocalChunks
-    from kompot_dask.parallel import reduce as cluster_reduce
+    from kompot_dask.execution.reduce import LocalChunks
+    from kompot_dask.execution import reduce as cluster_reduce
 
     rng = np.random.default_rng(7)
     chunks = [rng.normal(size=50) for _ in range(9)]
@@ -354,7 +354,7 @@ def test_killed_worker_still_gives_identical_results(case, de_model, de_referenc
 
 
 def test_block_plan_fits_the_memory_target():
-    from kompot_dask.parallel.plan import WORKER_BASELINE, plan_blocks
+    from kompot_dask.execution.plan import WORKER_BASELINE, plan_blocks
 
     for target in (2**30, 5 * 2**30):
         for genes in (50, 1000, 20000):
@@ -369,7 +369,7 @@ def test_block_plan_fits_the_memory_target():
 
 
 def test_planned_blocks_follow_the_memory_option(case, de_model, de_reference, tmp_path):
-    from kompot_dask.parallel.plan import WORKER_BASELINE, model_bytes, plan_blocks
+    from kompot_dask.execution.plan import WORKER_BASELINE, model_bytes, plan_blocks
 
     target = WORKER_BASELINE + 2 * model_bytes(de_model) + 2**20  # 1 MiB left for a block's working set
     with kd.set_options(worker_memory_target=target):

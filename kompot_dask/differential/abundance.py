@@ -8,7 +8,8 @@ import numpy as np
 
 from .._jax import with_x64
 from ..estimators import DensityEstimator
-from ..estimators._inputs import as_cell_states, check_landmarks, row_slices
+from ..estimators._inputs import as_cell_states, check_landmarks
+from ..execution.plan import row_slices
 from ..estimators._landmarks import compute_landmarks
 from ..estimators._neighbors import nn_distances
 from ..kernels import density_params as dp

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from ..estimators import DensityEstimator, FunctionEstimator
-from ..estimators._inputs import as_cell_states, as_expression, row_slices, take_rows
+from ..estimators._inputs import as_cell_states, as_expression, take_rows
+from ..execution.plan import row_slices
 from ._checks import check_sample_labels
 
 __all__ = ["SampleVarianceEstimator", "TooFewSamplesError"]
@@ -169,12 +170,12 @@ class SampleVarianceEstimator:
 
     def _fit_all(self, jobs: list, kwargs: dict) -> list:
         """Fit every sample: one task each on the active dask client, else one after another."""
-        from ..parallel.cluster import active_client
+        from ..execution.cluster import active_client
 
         client = active_client()
         if client is None:
             return [_fit_group(self.estimator_type, xs, ys, kwargs) for _, xs, ys in jobs]
-        from ..parallel.results import fingerprint
+        from ..io.results import fingerprint
 
         token = fingerprint(self.estimator_type, kwargs, [xs for _, xs, _ in jobs])[:10]
         # Each sample's cells travel inside its task rather than being scattered: data in

@@ -10,7 +10,7 @@ only that chunk (:class:`DensityChunk`) and the landmark-sized :class:`Prior`:
   ``Phi_c^T (1 - e)``;
 * :func:`hessian_diag`: the Laplace diagonal ``(L_c**2)^T e``.
 
-A reducer (:mod:`._reduce`) sums one of them over all chunks, here or on a dask cluster.
+A reducer (:mod:`kompot_dask.execution.reduce`) sums one of them over all chunks, here or on a dask cluster.
 """
 
 from __future__ import annotations

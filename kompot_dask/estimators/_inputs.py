@@ -1,4 +1,4 @@
-"""Input checks and chunk planning shared by the estimators.
+"""Input checks shared by the estimators.
 
 Checks run before any computation and say what to fix. Cell states (n x D) are always
 small enough to hold in memory; expression (n x G) is read one chunk of cells at a time
@@ -11,14 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from ..options import cell_chunk_rows
 
 __all__ = [
     "as_cell_states",
     "check_landmarks",
     "check_positive",
     "as_expression",
-    "row_slices",
     "read_rows",
     "take_rows",
 ]
@@ -129,35 +127,6 @@ def read_rows(arr: Any, rows: slice, name: str = "y") -> np.ndarray:
         )
         raise ValueError(msg)
     return block
-
-
-def _own_row_chunks(arr: Any) -> tuple[int, ...] | None:
-    chunks = getattr(arr, "chunks", None)
-    if not chunks:
-        return None
-    first = chunks[0]
-    if isinstance(first, tuple):  # dask: sizes of every chunk
-        return tuple(int(c) for c in first)
-    n = int(arr.shape[0])
-    size = int(first)  # zarr / h5py: one regular chunk size
-    return tuple([size] * (n // size) + ([n % size] if n % size else []))
-
-
-def row_slices(n: int, n_columns: int, like: Any = None, chunk_rows: int | None = None) -> list[slice]:
-    """Split ``n`` cells into chunks.
-
-    Priority: explicit ``chunk_rows``; the chunks of ``like`` (a dask, zarr or h5py
-    array); otherwise :func:`kompot_dask.options.cell_chunk_rows` for blocks with
-    ``n_columns`` columns.
-    """
-    sizes = None if like is None or chunk_rows is not None else _own_row_chunks(like)
-    if sizes is None:
-        step = chunk_rows or cell_chunk_rows(n_columns)
-        sizes = tuple(min(step, n - a) for a in range(0, n, step))
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    if bounds[-1] != n:
-        raise ValueError(f"chunk sizes {sizes} do not add up to {n} cells")
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def take_rows(arr: Any, rows: np.ndarray) -> Any:

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..kernels import landmarks as km
-from ._inputs import row_slices
-from ._reduce import open_reducer
+from ..execution.plan import row_slices
+from ..execution.reduce import open_reducer
 
 __all__ = ["resolve_gp_type", "compute_landmarks", "resolve_inducing", "kmeans_landmarks"]
 

@@ -14,12 +14,12 @@ from scipy.spatial import cKDTree
 
 from ..kernels import neighbors as nb
 from ..options import get_options
-from ._inputs import row_slices
-from ._reduce import open_reducer
+from ..execution.plan import NN_CHUNK_CELLS, row_slices
+from ..execution.reduce import open_reducer
 
 __all__ = ["nn_distances"]
 
-NN_CHUNK_CELLS = 2**15  # cells per search task (unless the cell_chunk_size option says otherwise)
+
 
 
 def nn_distances(x: np.ndarray, tree: cKDTree | None = None, float32: bool = False) -> np.ndarray:
@@ -30,7 +30,7 @@ def nn_distances(x: np.ndarray, tree: cKDTree | None = None, float32: bool = Fal
     x : ndarray (n, D)
         Cell states.
     tree : cKDTree, optional
-        A tree over ``x`` (built here if not given).
+        A tree over ``x`` (built here if not given); the cells are read from it.
     float32 : bool
         Recompute each distance from float32 coordinates, as the reference does (§10.15).
 
@@ -39,19 +39,19 @@ def nn_distances(x: np.ndarray, tree: cKDTree | None = None, float32: bool = Fal
     ndarray (n,)
         On the active dask cluster the chunks are searched as tasks (``kompot-nn-search-chunk-…``).
     """
-    x = np.asarray(x, dtype=np.float64)
     tree = nb.build_tree(x) if tree is None else tree
-    order = np.asarray(tree.indices)
+    n = tree.n
     chunk_rows = get_options()["cell_chunk_size"] or NN_CHUNK_CELLS
-    chunks = [x[order[sl]] for sl in row_slices(len(x), 1, chunk_rows=chunk_rows)]
-    with open_reducer(chunks, "nn") as reducer:
+    # A chunk is a range of positions in the tree's leaf order; its cells are read from the
+    # tree itself, which every task has, so no cell states travel beside the tree.
+    with open_reducer(row_slices(n, 1, chunk_rows=chunk_rows), "nn") as reducer:
         shared = reducer.share(tree)
         parts = reducer.map(search_chunk, shared, float32)
-    out = np.empty(len(x), dtype=np.float64)
-    out[order] = np.concatenate(parts)
+    out = np.empty(n, dtype=np.float64)
+    out[tree.indices] = np.concatenate(parts)
     return out
 
 
-def search_chunk(x_chunk: np.ndarray, tree: cKDTree, float32: bool) -> np.ndarray:
-    """One chunk's nearest-neighbour distances (a reducer term)."""
-    return nb.nn_distances_chunk(tree, x_chunk, float32)
+def search_chunk(positions: slice, tree: cKDTree, float32: bool) -> np.ndarray:
+    """Nearest-neighbour distances of the cells at ``positions`` of the tree's leaf order (a reducer term)."""
+    return nb.nn_distances_chunk(tree, tree.data[tree.indices[positions]], float32)

@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._inputs import as_cell_states, row_slices
+from ._inputs import as_cell_states
+from ..execution.plan import row_slices
 
 
 class ChunkedPredictor:

@@ -14,8 +14,9 @@ from ..kernels import density_params as dp
 from ..kernels import linalg as la
 from ..kernels import neighbors as nb
 from ._density_terms import DensityChunk, Prior, gram_rhs, hessian_diag, loglik_grad
-from ._reduce import LocalChunks, open_reducer
-from ._inputs import as_cell_states, check_landmarks, check_positive, row_slices
+from ..execution.reduce import LocalChunks, open_reducer
+from ._inputs import as_cell_states, check_landmarks, check_positive
+from ..execution.plan import row_slices
 from ._landmarks import resolve_inducing
 from ._neighbors import nn_distances
 from ._predictor import ChunkedPredictor

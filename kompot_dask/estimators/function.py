@@ -11,8 +11,9 @@ from ..kernels import density_params as dp
 from ..kernels import function as fk
 from ..kernels import linalg as la
 from ._function_terms import FunctionChunk, FunctionPrior, RowBlock, projected_stats, reads_lazily, residual_cross
-from ._reduce import open_reducer
-from ._inputs import as_cell_states, as_expression, check_landmarks, check_positive, read_rows, row_slices
+from ..execution.reduce import open_reducer
+from ._inputs import as_cell_states, as_expression, check_landmarks, check_positive, read_rows
+from ..execution.plan import row_slices
 from ._landmarks import resolve_inducing
 from ._predictor import ChunkedPredictor
 from ._neighbors import nn_distances

@@ -19,14 +19,15 @@ import numpy as np
 from .._jax import x64
 from ..differential._blocks import ABUNDANCE_KEYS, EXPRESSION_KEYS, STD_KEYS, abundance_block, expression_block
 from ..differential._mahalanobis_inputs import evaluation_points, sample_factor
-from ..estimators._inputs import as_cell_states, check_landmarks, row_slices
+from ..estimators._inputs import as_cell_states, check_landmarks
+from ..execution.plan import row_slices
 from ..fdr import compute_fdr
 from ..kernels import differential as dk
 from ..kernels import mahalanobis as mk
 from ..options import get_options
-from .plan import memory_target, model_bytes, plan_blocks
-from .results import ResultStore, fingerprint, mark_block_done, write_block
-from .runner import logger, resolve_client, run_graph, share
+from ..execution.plan import memory_target, model_bytes, plan_blocks
+from ..io.results import ResultStore, fingerprint, mark_block_done, write_block
+from ..execution.runner import logger, resolve_client, run_graph, share
 
 __all__ = ["predict_abundance", "predict_expression"]
 
@@ -129,7 +130,7 @@ def predict_abundance(
         Client or scheduler address; default the active client, else run in this process.
     cell_chunk : int, optional
         Cells per task (default: planned from the ``worker_memory_target`` option or the
-        workers' memory limit, see :mod:`kompot_dask.parallel.plan`).
+        workers' memory limit, see :mod:`kompot_dask.execution.plan`).
     dtype : {"float64", "float32"}
         Storage type of the outputs.
     overwrite : bool
@@ -270,7 +271,7 @@ def predict_expression(
     cell_chunk, gene_batch : int, optional
         Block shape. Default: the ``gene_batch_size`` option for genes, and a shape planned
         from the ``worker_memory_target`` option or the workers' memory limit (see
-        :mod:`kompot_dask.parallel.plan`).
+        :mod:`kompot_dask.execution.plan`).
     dtype : {"float64", "float32"}
         Storage type of the cells × genes layers.
     overwrite : bool

@@ -1,29 +1,103 @@
-"""Sums over cell chunks held on the workers of a dask cluster (the density fit's reductions).
+"""Sums over chunks of cells: in this process, or on the active dask cluster.
 
-A fit cuts its training cells into chunks (:class:`~kompot_dask.estimators._density_terms.DensityChunk`).
-:class:`ClusterChunks` places each chunk on a worker once, as a task result (so a lost
-worker's chunks are rebuilt by the scheduler), and every reduction (the ridge start, each
-L-BFGS evaluation, the Laplace diagonal) becomes one small task per chunk running where the
-chunk lives. Only landmark-sized results travel back; the client adds them in chunk order,
-exactly as :class:`~kompot_dask.estimators._reduce.LocalChunks` does, so the numbers are
-the same bits.
-
-Large per-chunk results (the ridge start's ``m x m`` Gram matrix is 32 MB at m = 2000) are
-computed and gathered a window of chunks at a time, so neither the client nor the workers
-ever hold more than :data:`GATHER_BYTES` of them at once, however many chunks there are.
+A fit that needs ``sum_c term(chunk_c, *args)`` (the density objective, the ridge start,
+a Lloyd step...) or ``[term(chunk_c, *args)]`` (nearest-neighbour distances) cuts its
+cells into chunks and asks :func:`open_reducer` for a reducer:
+:class:`LocalChunks` adds the terms here, one chunk after another;
+:class:`ClusterChunks` runs one task per chunk on the worker
+holding that chunk. Both add the parts in chunk order, so they give the same numbers.
+Terms are top-level functions returning tuples of arrays (picklable for workers).
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..estimators._reduce import add_in_order
+from ..options import get_options
 
-__all__ = ["ClusterChunks", "GATHER_BYTES"]
+__all__ = ["LocalChunks", "ClusterChunks", "open_reducer", "add_in_order", "GATHER_BYTES"]
 
+
+def add_in_order(parts: Iterable[tuple]) -> tuple:
+    """Element-wise sum of tuples of arrays, added strictly in the given order."""
+    total: list | None = None
+    for part in parts:
+        if total is None:
+            total = [np.array(p) for p in part]
+        else:
+            for i, p in enumerate(part):
+                total[i] = total[i] + p
+    if total is None:
+        raise ValueError("nothing to sum: no chunks")
+    return tuple(total)
+
+
+class LocalChunks:
+    """Sums per-chunk terms in this process, one chunk after another (memory ~ one chunk)."""
+
+    def __init__(self, chunks: Sequence[Any]):
+        self.chunks = list(chunks)
+
+    def share(self, obj):
+        """Make ``obj`` available to every chunk's term (here: itself)."""
+        return obj
+
+    def release(self, shared) -> None:
+        """Forget what :meth:`share` returned (nothing to do here)."""
+
+    def reduce(self, fn: Callable[..., tuple], *args) -> tuple:
+        """``sum_c fn(chunk_c, *args)``."""
+        return add_in_order(fn(chunk, *args) for chunk in self.chunks)
+
+    def map(self, fn: Callable[..., Any], *args) -> list:
+        """``[fn(chunk_c, *args) for every chunk]``, in chunk order."""
+        return [fn(chunk, *args) for chunk in self.chunks]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "LocalChunks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_reducer(chunks: Sequence[Any], name: str, local: bool = False):
+    """Where a fit sums its chunk terms: on the active dask cluster if there is one.
+
+    The cluster is used when the ``fit_on_cluster`` option is on (default), there is more
+    than one chunk, and a ``distributed.Client`` is active outside a worker task (a fit
+    running inside a task, such as one sample of a fan-out, stays in its task). ``name``
+    labels the tasks (``kompot-<name>-<term>-<chunk>-<run>``); ``local=True`` keeps the
+    sums in this process.
+    """
+    if not local and len(chunks) > 1 and get_options()["fit_on_cluster"]:
+        from .cluster import active_client
+
+        client = active_client()
+        if client is not None:
+            return ClusterChunks(client, chunks, name)
+    return LocalChunks(chunks)
+
+
+# ------------------------------------------------------------------ on a dask cluster
+# Sums (and maps) over cell chunks held on the workers of a dask cluster: the fits' reductions.
+#
+# A fit cuts its training cells into chunks (:class:`~kompot_dask.estimators._density_terms.DensityChunk`).
+# :class:`ClusterChunks` places each chunk on a worker once, as a task result (so a lost
+# worker's chunks are rebuilt by the scheduler), and every reduction (the ridge start, each
+# L-BFGS evaluation, the Laplace diagonal) becomes one small task per chunk running where the
+# chunk lives. Only landmark-sized results travel back; the client adds them in chunk order,
+# in the order :class:`LocalChunks` adds them (the same summation order; a worker's single-
+# threaded BLAS may still round the per-chunk terms differently, at ~1e-15 relative).
+#
+# Large per-chunk results (the ridge start's ``m x m`` Gram matrix is 32 MB at m = 2000) are
+# computed and gathered a window of chunks at a time, so neither the client nor the workers
+# ever hold more than :data:`GATHER_BYTES` of them at once, however many chunks there are.
 GATHER_BYTES = 256 * 2**20  # per-chunk results in flight at once, per reduction
 
 

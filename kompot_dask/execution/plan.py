@@ -13,13 +13,16 @@ from __future__ import annotations
 import pickle
 from typing import Any, NamedTuple
 
-__all__ = ["BlockPlan", "plan_blocks", "model_bytes", "memory_target"]
+import numpy as np
+
+__all__ = ["BlockPlan", "plan_blocks", "model_bytes", "memory_target", "row_slices", "cell_chunk_rows", "NN_CHUNK_CELLS"]
 
 DEFAULT_TARGET = 2 * 2**30
 WORKER_BASELINE = 400 * 2**20  # a worker process with numpy, JAX and distributed loaded
 TARGET_FRACTION = 0.6  # of a worker's memory limit: dask starts spilling at 0.6 by default
 MAX_GENE_BATCH = 1024
 MIN_CELLS = 64
+NN_CHUNK_CELLS = 2**15  # cells per nearest-neighbour search task (unless `cell_chunk_size` says otherwise)
 
 
 class BlockPlan(NamedTuple):
@@ -103,3 +106,42 @@ def plan_blocks(
         )
         raise MemoryError(msg)
     return BlockPlan(cells, gene_batch, _task_bytes(cells, gene_batch, n_landmarks, n_samples) + 2 * shared_bytes, target)
+
+
+def cell_chunk_rows(n_columns: int) -> int:
+    """Cells per chunk for a block with ``n_columns`` float64 columns (landmarks)."""
+    from ..options import get_options
+
+    options = get_options()
+    if options["cell_chunk_size"] is not None:
+        return int(options["cell_chunk_size"])
+    return max(256, int(options["chunk_memory_bytes"] // (8 * max(n_columns, 1))))
+
+
+def _own_row_chunks(arr: Any) -> tuple[int, ...] | None:
+    chunks = getattr(arr, "chunks", None)
+    if not chunks:
+        return None
+    first = chunks[0]
+    if isinstance(first, tuple):  # dask: sizes of every chunk
+        return tuple(int(c) for c in first)
+    n = int(arr.shape[0])
+    size = int(first)  # zarr / h5py: one regular chunk size
+    return tuple([size] * (n // size) + ([n % size] if n % size else []))
+
+
+def row_slices(n: int, n_columns: int, like: Any = None, chunk_rows: int | None = None) -> list[slice]:
+    """Split ``n`` cells into chunks.
+
+    Priority: explicit ``chunk_rows``; the chunks of ``like`` (a dask, zarr or h5py
+    array); otherwise :func:`cell_chunk_rows` for blocks with
+    ``n_columns`` columns.
+    """
+    sizes = None if like is None or chunk_rows is not None else _own_row_chunks(like)
+    if sizes is None:
+        step = chunk_rows or cell_chunk_rows(n_columns)
+        sizes = tuple(min(step, n - a) for a in range(0, n, step))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    if bounds[-1] != n:
+        raise ValueError(f"chunk sizes {sizes} do not add up to {n} cells")
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
