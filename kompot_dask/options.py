@@ -11,17 +11,37 @@ floating-point summation order).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator
 
-__all__ = ["set_options", "get_options"]
+__all__ = ["set_options", "get_options", "using_options"]
+
+
+def _as_positive_int(value: Any) -> int | None:
+    """``value`` as a Python int if it is a positive integer (numpy integers too), else None.
+
+    Bools and floats (even ``5.0``) are not integers here.
+    """
+    import operator
+
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        count = operator.index(value)
+    except TypeError:
+        return None
+    return int(count) if count > 0 else None
 
 
 def _positive_int_or_none(value: Any) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+    return value is None or _as_positive_int(value) is not None
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return _as_positive_int(value) is not None
 
 
 _VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -43,13 +63,33 @@ _OPTIONS: dict[str, Any] = {
 }
 
 
+# Inside a task the caller's options apply: the task carries a snapshot and runs under
+# `using_options` (a context variable, so concurrent tasks in one worker do not mix).
+_TASK_OPTIONS: ContextVar[dict[str, Any] | None] = ContextVar("kompot_dask_task_options", default=None)
+
+
 def get_options() -> dict[str, Any]:
-    """Return a copy of the current execution options."""
-    return dict(_OPTIONS)
+    """Return a copy of the current execution options (a task's snapshot inside a task)."""
+    snapshot = _TASK_OPTIONS.get()
+    return dict(_OPTIONS if snapshot is None else snapshot)
+
+
+@contextmanager
+def using_options(snapshot: dict[str, Any]) -> Iterator[None]:
+    """Run the body with ``snapshot`` (from :func:`get_options`) as the options, in this
+    context only; how a task applies its caller's options on a worker."""
+    token = _TASK_OPTIONS.set(dict(snapshot))
+    try:
+        yield
+    finally:
+        _TASK_OPTIONS.reset(token)
 
 
 class set_options:
     """Set execution options globally or, as a context manager, temporarily.
+
+    Integer options accept Python and numpy integers (stored as Python ``int``); bools,
+    floats (even ``5.0``), zero and negative numbers are rejected.
 
     Parameters
     ----------
@@ -82,6 +122,8 @@ class set_options:
             if not check(value):
                 msg = f"option {key!r} must be {expected}, got {value!r}"
                 raise ValueError(msg)
+            if check in (_positive_int, _positive_int_or_none) and value is not None:
+                kwargs[key] = _as_positive_int(value)
         self._previous = {key: _OPTIONS[key] for key in kwargs}
         _OPTIONS.update(kwargs)
 

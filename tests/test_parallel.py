@@ -14,7 +14,7 @@ import zarr
 from conftest import load_case
 import kompot_dask as kd
 from kompot_dask.parallel import predict_abundance, predict_expression
-from kompot_dask.parallel import predict as engine
+from kompot_dask.differential import pipeline as engine
 
 TOL = dict(rtol=1e-8, atol=1e-12)
 
@@ -232,9 +232,16 @@ def test_interrupted_run_resumes_without_recomputing(case, de_model, de_referenc
     assert group.attrs["kompot_dask"]["complete"] is False
     assert int(group["_done_cells"][...].sum()) == 5
     maha_done = int(group["_done_mahalanobis"][...].sum())
-    monkeypatch.setattr(engine, "expression_block", real_block)
+    resumed = []
+
+    def counting_block(*args, **kwargs):
+        resumed.append(args[3])  # the block's gene batch
+        return real_block(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "expression_block", counting_block)
     ds = predict_expression(de_model, case["in_X_predict"], path, cell_chunk=50, gene_batch=20)
     meta = ds.attrs["kompot_dask"]
+    assert len(resumed) == 10 - 5  # counted here, not reported by the engine
     assert meta["complete"] and meta["blocks_total"] == 10
     n_maha = len(range(0, de_model._gene_count, 20))
     assert meta["blocks_computed_last_run"] == 10 - 5 + n_maha - maha_done
@@ -244,12 +251,12 @@ def test_interrupted_run_resumes_without_recomputing(case, de_model, de_referenc
 def test_resume_with_every_gene_batch_done_skips_sigma(case, de_model, de_reference, tmp_path, monkeypatch):
     """Interrupted after the last Mahalanobis batch: the resume neither recomputes Sigma nor a block."""
     path = str(tmp_path / "de.zarr")
-    real_finish, real_sigma = engine._finish_expression, engine._sigma_task
+    real_finish, real_sigma = engine.gene_results, engine._sigma_task
 
     def interrupted_finish(*args, **kwargs):
         raise KeyboardInterrupt("simulated interruption before the per-gene reductions")
 
-    monkeypatch.setattr(engine, "_finish_expression", interrupted_finish)
+    monkeypatch.setattr(engine, "gene_results", interrupted_finish)
     with pytest.raises(KeyboardInterrupt):
         predict_expression(de_model, case["in_X_predict"], path, cell_chunk=100, gene_batch=20)
     group = zarr.open_group(path, mode="r")
@@ -262,7 +269,7 @@ def test_resume_with_every_gene_batch_done_skips_sigma(case, de_model, de_refere
         sigma_calls.append(1)
         return real_sigma(*args)
 
-    monkeypatch.setattr(engine, "_finish_expression", real_finish)
+    monkeypatch.setattr(engine, "gene_results", real_finish)
     monkeypatch.setattr(engine, "_sigma_task", counting_sigma)
     ds = predict_expression(de_model, case["in_X_predict"], path, cell_chunk=100, gene_batch=20)
     meta = ds.attrs["kompot_dask"]
@@ -277,24 +284,29 @@ def test_building_the_graph_computes_nothing(case, de_model, de_reference, tmp_p
     import dask
     import xarray as xr
 
-    calls = {"scheduler": 0, "blocks": 0}
+    calls = {"scheduler": 0, "blocks": 0, "sigma": 0, "mahalanobis": 0, "gene_results": 0}
 
     def counting_get(dsk, keys, **kwargs):
         calls["scheduler"] += 1
         return dask.get(dsk, keys, **kwargs)
 
+    def counted(name, real):
+        def fn(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return fn
+
     real_block = engine.expression_block
-
-    def counting_block(*args, **kwargs):
-        calls["blocks"] += 1
-        return real_block(*args, **kwargs)
-
+    counting_block = counted("blocks", real_block)
+    monkeypatch.setattr(engine, "sigma_stage", counted("sigma", engine.sigma_stage))
+    monkeypatch.setattr(engine, "mahalanobis_stage", counted("mahalanobis", engine.mahalanobis_stage))
+    monkeypatch.setattr(engine, "gene_results", counted("gene_results", engine.gene_results))
     monkeypatch.setattr(engine, "expression_block", counting_block)
     path = str(tmp_path / "de.zarr")
     with dask.config.set(scheduler=counting_get):
         graph = predict_expression(de_model, case["in_X_predict"], path, cell_chunk=100, gene_batch=25,
                                    compute=False)
-        assert calls == {"scheduler": 0, "blocks": 0}
+        assert set(calls.values()) == {0}
         group = zarr.open_group(path, mode="r")
         assert group.attrs["kompot_dask"]["complete"] is False
         assert np.isnan(group["fold_change"][...]).all()
@@ -302,7 +314,9 @@ def test_building_the_graph_computes_nothing(case, de_model, de_reference, tmp_p
         graph.compute()
     n_cells = -(-len(case["in_X_predict"]) // 100)
     n_batches = -(-de_model.n_genes // 25)
-    assert calls == {"scheduler": 1, "blocks": n_cells * n_batches}
+    n_gene_batches = -(-de_model._gene_count // 25)
+    assert calls == {"scheduler": 1, "blocks": n_cells * n_batches, "sigma": 1, "mahalanobis": n_gene_batches,
+                     "gene_results": 1}
     assert sum(k.startswith("kompot-predict-expression-") for k in keys) == n_cells * n_batches
     assert sum(k.startswith("kompot-mahalanobis-genes-") for k in keys) == -(-de_model._gene_count // 25)
     ds = xr.open_zarr(path, consolidated=False)
@@ -371,11 +385,12 @@ def test_block_plan_fits_the_memory_target():
 def test_planned_blocks_follow_the_memory_option(case, de_model, de_reference, tmp_path):
     from kompot_dask.execution.plan import WORKER_BASELINE, model_bytes, plan_blocks
 
-    target = WORKER_BASELINE + 2 * model_bytes(de_model) + 2**20  # 1 MiB left for a block's working set
+    shared = model_bytes(de_model._pipeline_model())  # what the tasks share
+    target = WORKER_BASELINE + 2 * shared + 2**20  # 1 MiB left for a block's working set
     with kd.set_options(worker_memory_target=target):
         ds = predict_expression(de_model, case["in_X_predict"], str(tmp_path / "de.zarr"))
     n_landmarks = len(case["in_landmarks"])
-    plan = plan_blocks(len(case["in_X_predict"]), de_model.n_genes, n_landmarks, 3, model_bytes(de_model), target)
+    plan = plan_blocks(len(case["in_X_predict"]), de_model.n_genes, n_landmarks, 3, shared, target)
     # The target forces several blocks (the default would be one block of all cells x genes).
     assert plan.cell_chunk * plan.gene_batch < len(case["in_X_predict"]) * de_model.n_genes / 2
     assert ds["fold_change"].encoding["chunks"] == (plan.cell_chunk, plan.gene_batch)

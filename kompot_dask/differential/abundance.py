@@ -8,12 +8,13 @@ import numpy as np
 
 from .._jax import with_x64
 from ..estimators import DensityEstimator
-from ..estimators._inputs import as_cell_states, check_landmarks
+from ..estimators._inputs import as_cell_states, check_count, check_landmarks
 from ..execution.plan import row_slices
 from ..estimators._landmarks import compute_landmarks
 from ..estimators._neighbors import nn_distances
 from ..kernels import density_params as dp
-from ..kernels import differential as dk
+from ..execution.runner import resolve_client
+from ..io.results import fingerprint
 from ..kernels import neighbors as nb
 from ._checks import (
     check_conditions,
@@ -22,7 +23,9 @@ from ._checks import (
     check_sample_labels,
     check_sample_variance_request,
 )
-from ._blocks import abundance_block
+from . import pipeline
+from ._blocks import ABUNDANCE_KEYS
+from ._runs import check_run_arguments, finish_run, model_token, open_sink, planned_blocks
 from ._variance import fit_sample_variances
 from .sample_variance import SampleVarianceEstimator
 
@@ -87,10 +90,8 @@ class DifferentialAbundance:
     ):
         self.log_fold_change_threshold = check_lfc_threshold(log_fold_change_threshold)
         self.ptp_threshold = check_ptp_threshold(ptp_threshold)
-        if n_landmarks is not None and int(n_landmarks) < 0:
-            raise ValueError(f"`n_landmarks` must be None or >= 0; got {n_landmarks!r}")
-        if batch_size is not None and int(batch_size) < 1:
-            raise ValueError(f"`batch_size` must be None or a positive int; got {batch_size!r}")
+        n_landmarks = check_count(n_landmarks, "n_landmarks", 0, allow_none=True)
+        batch_size = check_count(batch_size, "batch_size", 1, allow_none=True)
         self.n_landmarks = n_landmarks
         self.use_sample_variance = use_sample_variance
         self.eps = float(eps)
@@ -177,6 +178,48 @@ class DifferentialAbundance:
             )
         return self
 
+    def fit_from(
+        self,
+        source: Any,
+        groupby: str,
+        condition1: Any,
+        condition2: Any,
+        *,
+        obsm_key: str = "DM_EigenVectors",
+        sample_col: str | None = None,
+        **fit_kwargs: Any,
+    ) -> "DifferentialAbundance":
+        """:meth:`fit` on two conditions of an AnnData (in memory, backed, lazy or a path) or a
+        kompot_dask dataset.
+
+        Parameters
+        ----------
+        source : anndata.AnnData, str, path-like or xarray.Dataset
+            See :func:`kompot_dask.io.condition_inputs`.
+        groupby : str
+            obs column (dataset variable) with each cell's condition.
+        condition1, condition2 : object
+            The two conditions (compared as strings).
+        obsm_key : str, default "DM_EigenVectors"
+            Cell states (a dataset's ``cell_states`` by default).
+        sample_col : str, optional
+            Sample of each cell: switches sample variance on.
+        **fit_kwargs
+            Passed to :meth:`fit`.
+
+        Returns
+        -------
+        self
+            With ``condition_inputs`` (the selected cells; ``x_all`` for :meth:`predict`).
+        """
+        from ..io.inputs import condition_inputs
+
+        inputs = condition_inputs(source, groupby, condition1, condition2, obsm_key=obsm_key,
+                                  sample_col=sample_col, expression=False)
+        self.condition_inputs = inputs
+        return self.fit(inputs.x1, inputs.x2, condition1_sample_indices=inputs.labels1,
+                        condition2_sample_indices=inputs.labels2, **fit_kwargs)
+
     def _estimator_kwargs(self, x1, x2, landmarks, ls_factor, density_kwargs) -> dict:
         kwargs: dict[str, Any] = {"d_method": "fractal", "predictor_with_uncertainty": True}
         if "ls" not in density_kwargs:
@@ -203,7 +246,14 @@ class DifferentialAbundance:
         log_fold_change_threshold: float | None = None,
         ptp_threshold: float | None = None,
         progress: bool = True,
-    ) -> dict[str, np.ndarray]:
+        *,
+        store: Any = None,
+        client: Any = None,
+        cell_chunk: int | None = None,
+        dtype: str = "float64",
+        overwrite: bool = False,
+        compute: bool = True,
+    ) -> Any:
         """Log densities, log fold change and its significance at ``X_new`` (SPEC §5.4).
 
         Parameters
@@ -213,13 +263,33 @@ class DifferentialAbundance:
             Override the constructor's thresholds for the direction calls.
         progress : bool
             Accepted for API compatibility (see :func:`kompot_dask.set_options`).
+        store : str or path-like, optional
+            Stream the results into this zarr store instead of memory, one task per cell
+            chunk on the active (or given) dask cluster. A rerun with the same inputs
+            resumes it (and repairs damaged blocks); a store of other inputs is replaced
+            only with ``overwrite=True``, and only once the new run is complete.
+        client : distributed.Client or str, optional
+            Client or scheduler address of a store-backed run (default: the active
+            client, else this process).
+        cell_chunk : int, optional
+            Cells per task (default: ``batch_size`` in memory, else planned from the
+            ``worker_memory_target`` option or the workers' memory limit).
+        dtype : {"float64", "float32"}
+            Type of the results.
+        overwrite : bool, default False
+            Replace a store holding results of other inputs.
+        compute : bool, default True
+            With a store: ``False`` lays out the store and returns the graph (a
+            ``dask.delayed.Delayed``) without computing anything.
 
         Returns
         -------
-        dict
-            ``log_density_condition1``, ``log_density_condition2``, ``log_fold_change``,
-            ``log_fold_change_uncertainty`` (a variance), ``log_fold_change_zscore``,
-            ``neg_log10_fold_change_ptp`` and ``log_fold_change_direction``.
+        dict or xarray.Dataset or dask.delayed.Delayed
+            In memory: ``log_density_condition1``, ``log_density_condition2``,
+            ``log_fold_change``, ``log_fold_change_uncertainty`` (a variance),
+            ``log_fold_change_zscore``, ``neg_log10_fold_change_ptp`` and
+            ``log_fold_change_direction``. With a store: the store opened lazily (the same
+            variables, dimension ``cell``), or the graph if ``compute=False``.
         """
         if self.density_predictor1 is None or self.density_predictor2 is None:
             raise ValueError("DifferentialAbundance is not fitted; call `fit` first")
@@ -230,19 +300,27 @@ class DifferentialAbundance:
         x = as_cell_states(X_new, "X_new", min_cells=1)
         if self.n_features is not None and x.shape[1] != self.n_features:
             raise ValueError(f"`X_new` has {x.shape[1]} features but the model was fitted on {self.n_features}")
-        slices = row_slices(len(x), 1, chunk_rows=self.batch_size) if self.batch_size else [slice(0, len(x))]
-        parts = [self._predict_block(x[sl]) for sl in slices]
-        result = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        nl10 = result["neg_log10_fold_change_ptp"]
-        result["log_fold_change_direction"] = dk.directions(result["log_fold_change"], nl10, lfc_thr, ptp_thr)
+        args = check_run_arguments(store, dtype, overwrite, compute, client, cell_chunk=cell_chunk)
+        model = pipeline.AbundanceModel(self.density_predictor1, self.density_predictor2, *self.variance_predictors,
+                                        self.eps)
+        token, client = None, None if store is None else resolve_client(client)
+        if store is None:
+            cells = row_slices(len(x), 1, chunk_rows=args["cell_chunk"] or self.batch_size or len(x))
+        else:
+            cells, _ = planned_blocks(len(x), 1, model, model[:2], model[2:4], client, args["cell_chunk"], 1)
+            token = fingerprint(x, cells[0].stop, args["dtype"], lfc_thr, ptp_thr, self.eps, model_token(*model[:4]))
+        sink = open_sink(store, token, {"kind": "abundance", "n_cells": len(x)}, overwrite)
+        build = pipeline.abundance_graph(model, x, sink, cells, (lfc_thr, ptp_thr), args["dtype"],
+                                         pipeline.run_tag(token, sink), client)
+        out = pipeline.run(build, client, compute)
+        if store is not None:
+            return finish_run(out, sink, compute)
+        result = {key: sink.read(key) for key in ABUNDANCE_KEYS}
+        result["log_fold_change_direction"] = sink.read(pipeline.DIRECTION).astype(str).astype(object)
         for key, value in result.items():
             setattr(self, key, value)
-        self.log_fold_change_ptp = 10.0 ** (-nl10)
+        self.log_fold_change_ptp = 10.0 ** (-result["neg_log10_fold_change_ptp"])
         return result
-
-    def _predict_block(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        vp1, vp2 = self.variance_predictors
-        return abundance_block(self.density_predictor1, self.density_predictor2, vp1, vp2, x, self.eps)
 
     @property
     def variance_predictors(self) -> tuple[Any, Any]:

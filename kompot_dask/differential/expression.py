@@ -8,17 +8,20 @@ import numpy as np
 
 from .._jax import with_x64
 from ..estimators import FunctionEstimator
-from ..estimators._inputs import as_cell_states, as_expression, check_landmarks
+from ..estimators._inputs import as_cell_states, as_expression, check_count, check_landmarks
 from ..execution.plan import row_slices
 from ..estimators._landmarks import compute_landmarks
 from ..estimators._neighbors import nn_distances
 from ..fdr import compute_fdr
-from ..kernels import mahalanobis as mk
+from ..execution.runner import resolve_client
+from ..io.results import fingerprint
 from ..options import get_options
-from ._blocks import expression_block
+from . import pipeline
+from ._blocks import EXPRESSION_KEYS, STD_KEYS
+from ._runs import check_run_arguments, model_token, open_sink, planned_blocks, finish_run
 from ._checks import check_conditions, check_ptp_threshold, check_sample_labels, check_sample_variance_request
 from ._expression_model import ConditionModel, expression_length_scale, fit_empirical_variance
-from ._mahalanobis_inputs import evaluation_points, sample_factor
+from ._mahalanobis_inputs import evaluation_points
 from ._null_genes import draw_null_genes
 from ._variance import fit_sample_variances
 from .sample_variance import SampleVarianceEstimator
@@ -112,10 +115,8 @@ class DifferentialExpression:
         fdr_threshold: float = 0.05,
         gene_names: Sequence[str] | None = None,
     ):
-        if n_landmarks is not None and int(n_landmarks) < 0:
-            raise ValueError(f"`n_landmarks` must be None or >= 0; got {n_landmarks!r}")
-        if batch_size is None or int(batch_size) < 1:
-            raise ValueError(f"`batch_size` must be a positive int (cells per batch); got {batch_size!r}")
+        n_landmarks = check_count(n_landmarks, "n_landmarks", 0, allow_none=True)
+        batch_size = check_count(batch_size, "batch_size", 1)
         self.n_landmarks = n_landmarks
         self.use_sample_variance = use_sample_variance
         self.eps = float(eps)
@@ -250,6 +251,57 @@ class DifferentialExpression:
                     setattr(self, f"obs_variance_predictor{c}", fit_empirical_variance(x, y, labels, sample_kwargs))
         return self
 
+    def fit_from(
+        self,
+        source: Any,
+        groupby: str,
+        condition1: Any,
+        condition2: Any,
+        *,
+        obsm_key: str = "DM_EigenVectors",
+        layer: str | None = None,
+        genes: Any = None,
+        sample_col: str | None = None,
+        **fit_kwargs: Any,
+    ) -> "DifferentialExpression":
+        """:meth:`fit` on two conditions of an AnnData (in memory, backed, lazy or a path) or a
+        kompot_dask dataset; the expression is read chunk by chunk, never whole.
+
+        Parameters
+        ----------
+        source : anndata.AnnData, str, path-like or xarray.Dataset
+            See :func:`kompot_dask.io.condition_inputs`.
+        groupby : str
+            obs column (dataset variable) with each cell's condition.
+        condition1, condition2 : object
+            The two conditions (compared as strings).
+        obsm_key : str, default "DM_EigenVectors"
+            Cell states (a dataset's ``cell_states`` by default).
+        layer : str, optional
+            Expression layer (default ``X``, a dataset's ``expression``).
+        genes : sequence of str or boolean mask, optional
+            Genes to model (default all).
+        sample_col : str, optional
+            Sample of each cell: switches sample variance on.
+        **fit_kwargs
+            Passed to :meth:`fit`.
+
+        Returns
+        -------
+        self
+            With ``condition_inputs`` (the selected cells; ``x_all`` for :meth:`predict`)
+            and ``gene_names`` from the source unless given.
+        """
+        from ..io.inputs import condition_inputs
+
+        inputs = condition_inputs(source, groupby, condition1, condition2, obsm_key=obsm_key, layer=layer,
+                                  genes=genes, sample_col=sample_col)
+        if self.gene_names is None and inputs.gene_names is not None:
+            self.gene_names = [str(g) for g in inputs.gene_names]
+        self.condition_inputs = inputs
+        return self.fit(inputs.x1, inputs.y1, inputs.x2, inputs.y2, condition1_sample_indices=inputs.labels1,
+                        condition2_sample_indices=inputs.labels2, **fit_kwargs)
+
     def _function_kwargs(self, x1, x2, sigma, landmarks, function_kwargs) -> dict:
         kwargs: dict[str, Any] = {"sigma": sigma, "predictor_with_uncertainty": True, "n_landmarks": self.n_landmarks}
         kwargs.update({k: v for k, v in function_kwargs.items() if k != "progress"})
@@ -289,6 +341,12 @@ class DifferentialExpression:
             for c in (1, 2)
         )
 
+    def _pipeline_model(self) -> pipeline.ExpressionModel:
+        """The fitted state the pipeline's tasks need (and nothing else of this object)."""
+        m1, m2 = self._models()
+        return pipeline.ExpressionModel(m1, m2, self.eps, self.n_genes, self._gene_count, self.n_features,
+                                        self.null is not None, self.fdr_threshold, self.gene_names)
+
     def _query(self, x: Any, name: str = "X_new") -> np.ndarray:
         x = as_cell_states(x, name, min_cells=1)
         if self.n_features is not None and x.shape[1] != self.n_features:
@@ -307,7 +365,15 @@ class DifferentialExpression:
         progress: bool = True,
         use_landmarks: bool = True,
         landmarks_override: Any = None,
-    ) -> dict[str, np.ndarray]:
+        *,
+        store: Any = None,
+        client: Any = None,
+        cell_chunk: int | None = None,
+        gene_batch: int | None = None,
+        dtype: str = "float64",
+        overwrite: bool = False,
+        compute: bool = True,
+    ) -> Any:
         """Imputed expression, fold changes and (optionally) Mahalanobis distances at ``X_new``.
 
         Parameters
@@ -322,76 +388,86 @@ class DifferentialExpression:
             Evaluate the Mahalanobis distance at the landmarks when the model has them.
         landmarks_override : array (p, n_features), optional
             Evaluate it at these points instead.
+        store : str or path-like, optional
+            Stream the results into this zarr store instead of memory, as (cell chunk ×
+            gene batch) tasks on the active (or given) dask cluster. A rerun with the same
+            inputs resumes it (and repairs damaged blocks); a store of other inputs is
+            replaced only with ``overwrite=True``, and only once the new run is complete.
+        client : distributed.Client or str, optional
+            Client or scheduler address of a store-backed run (default: the active
+            client, else this process).
+        cell_chunk, gene_batch : int, optional
+            Block shape. Default in memory: ``batch_size`` cells and the
+            ``gene_batch_size`` option (else all genes); with a store, planned from the
+            ``worker_memory_target`` option or the workers' memory limit.
+        dtype : {"float64", "float32"}
+            Type of the cells × genes results.
+        overwrite : bool, default False
+            Replace a store holding results of other inputs.
+        compute : bool, default True
+            With a store: ``False`` lays out the store and returns the graph (a
+            ``dask.delayed.Delayed``) without computing anything.
 
         Returns
         -------
-        dict
-            ``condition1_imputed``, ``condition2_imputed`` (and Kompot 0.8.0's
+        dict or xarray.Dataset or dask.delayed.Delayed
+            In memory: ``condition1_imputed``, ``condition2_imputed`` (and Kompot 0.8.0's
             ``condition1_smoothed``, ``condition2_smoothed``), ``condition1_std``,
             ``condition2_std``, ``fold_change``, ``fold_change_zscores``,
             ``mean_log_fold_change``; with Mahalanobis also ``mahalanobis_distances``,
             ``neg_log10_ptp`` (χ² with ``df`` = number of features, the reference's
             choice) and ``neg_log10_ptp_df_points`` (``df`` = number of evaluation
             points); with null genes also ``mahalanobis_pvalue``, ``local_fdr``,
-            ``tail_fdr`` and ``is_de``.
+            ``tail_fdr`` and ``is_de``. With a store: the store opened lazily (dimensions
+            ``cell``, ``gene``), or the graph if ``compute=False``.
         """
-        m1, m2 = self._models()
+        model = self._pipeline_model()
         x = self._query(X_new)
-        out = self._predict_cells(x, m1, m2)
-        result = {
-            "condition1_imputed": out["mu1"],
-            "condition2_imputed": out["mu2"],
-            "condition1_smoothed": out["mu1"],
-            "condition2_smoothed": out["mu2"],
-            "condition1_std": out["std1"],
-            "condition2_std": out["std2"],
-            "fold_change": out["fc"],
-            "fold_change_zscores": out["z"],
-            "mean_log_fold_change": out["fc"].mean(axis=0),
-        }
+        args = check_run_arguments(store, dtype, overwrite, compute, client, cell_chunk=cell_chunk,
+                                   gene_batch=gene_batch)
+        points = self._evaluation_points(x, use_landmarks, landmarks_override)[0] if compute_mahalanobis else None
+        m1, m2 = model.condition1, model.condition2
+        token = None
+        client = None if store is None else resolve_client(client)
+        if store is None:
+            cells = row_slices(len(x), 1, chunk_rows=args["cell_chunk"] or self.batch_size)
+            batch = args["gene_batch"] or get_options()["gene_batch_size"] or self._gene_count
+        else:
+            cells, batch = planned_blocks(
+                len(x), self.n_genes, model, (self.function_predictor1, self.function_predictor2),
+                (m1.variance_predictor, m2.variance_predictor), client, args["cell_chunk"], args["gene_batch"])
+            token = fingerprint(x, cells[0].stop, batch, args["dtype"], points, self.eps, model_token(
+                self.function_predictor1, self.function_predictor2, m1.variance_predictor, m2.variance_predictor,
+                m1.obs_variance_predictor, m2.obs_variance_predictor))
+        meta = {"kind": "expression", "n_cells": len(x), "n_genes": self.n_genes}
+        sink = open_sink(store, token, meta, overwrite)
+        build = pipeline.expression_graph(model, x, sink, cells, batch, points, args["dtype"],
+                                          pipeline.run_tag(token, sink), client)
+        out = pipeline.run(build, client, compute)
+        if not compute:
+            return out
         if compute_mahalanobis:
-            result.update(self._mahalanobis_result(x, use_landmarks, landmarks_override, m1, m2))
+            self._keep_mahalanobis(out.arrays["mahalanobis_distances"], sink.read("_mahalanobis_all"), out.branch,
+                                   out.fdr_table)
+        if store is not None:
+            return finish_run(out, sink, compute)
+        result = {key: sink.read(key) for key in EXPRESSION_KEYS + STD_KEYS}
+        result.update(condition1_smoothed=result["condition1_imputed"], condition2_smoothed=result["condition2_imputed"])
+        result.update(out.arrays)
         return result
 
-    def _predict_cells(self, x: np.ndarray, m1: ConditionModel, m2: ConditionModel) -> dict[str, np.ndarray]:
-        """Per (cell batch × gene batch) block; real genes only (nulls never leave the model)."""
-        n, g = len(x), self.n_genes
-        per_gene = m1.per_gene_variance or m2.per_gene_variance
-        batch = get_options()["gene_batch_size"] or g
-        out = {k: np.empty((n, g)) for k in ("mu1", "mu2", "fc", "z")}
-        out.update({k: np.empty((n, g if per_gene else 1)) for k in ("std1", "std2")})
-        names = dict(mu1="condition1_imputed", mu2="condition2_imputed", fc="fold_change",
-                     z="fold_change_zscores", std1="condition1_std", std2="condition2_std")
-        for rows in row_slices(n, 1, chunk_rows=self.batch_size):
-            xc = x[rows]
-            cov = (m1.covariance(xc, diag=True), m2.covariance(xc, diag=True))
-            for start in range(0, g, batch):
-                genes = slice(start, min(start + batch, g))
-                block = expression_block(m1, m2, xc, genes, self.eps, cov)
-                for short, key in names.items():
-                    cols = genes if per_gene or short not in ("std1", "std2") else slice(0, 1)
-                    out[short][rows, cols] = block[key]
-        return out
+    def _evaluation_points(self, x, use_landmarks, landmarks_override) -> tuple[np.ndarray, bool]:
+        if landmarks_override is not None:
+            landmarks_override = check_landmarks(landmarks_override, self.n_features, "landmarks_override")
+        landmarks = getattr(self.function_predictor1, "landmarks", None)
+        return evaluation_points(x, landmarks, use_landmarks, landmarks_override)
 
-    def _mahalanobis_result(self, x, use_landmarks, landmarks_override, m1, m2) -> dict[str, np.ndarray]:
-        dist = self.compute_mahalanobis_distances(x, use_landmarks=use_landmarks, landmarks_override=landmarks_override)
-        all_dist = self._all_mahalanobis
-        p = self._mahalanobis_points
-        result = {
-            "mahalanobis_distances": dist,
-            "neg_log10_ptp": mk.chi2_neg_log10_ptp(dist, self.n_features),
-            "neg_log10_ptp_df_points": mk.chi2_neg_log10_ptp(dist, p),
-        }
+    def _keep_mahalanobis(self, distances, distances_all, branch, fdr_table) -> None:
+        self.mahalanobis_distances = distances
+        self.mahalanobis_branch = branch
         if self.null is not None:
-            self.null_mahalanobis_distances = all_dist[self.n_genes:]
-            self.fdr_results = compute_fdr(dist, self.null_mahalanobis_distances, self.fdr_threshold, self.gene_names)
-            result.update(
-                mahalanobis_pvalue=self.fdr_results["pvalue"].to_numpy(),
-                local_fdr=self.fdr_results["local_fdr"].to_numpy(),
-                tail_fdr=self.fdr_results["tail_fdr"].to_numpy(),
-                is_de=self.fdr_results["is_de"].to_numpy(),
-            )
-        return result
+            self.null_mahalanobis_distances = distances_all[self.n_genes:]
+            self.fdr_results = fdr_table
 
     @with_x64
     def compute_mahalanobis_distances(
@@ -422,28 +498,19 @@ class DifferentialExpression:
         numpy.ndarray
             (n_genes,) distances; a gene whose covariance is not positive definite is NaN.
         """
-        m1, m2 = self._models()
+        model = self._pipeline_model()
         x = self._query(X, "X")
-        if landmarks_override is not None:
-            landmarks_override = check_landmarks(landmarks_override, self.n_features, "landmarks_override")
-        points, at_x = evaluation_points(x, m1.landmarks, use_landmarks, landmarks_override)
-        g_all = self._gene_count
+        points, at_x = self._evaluation_points(x, use_landmarks, landmarks_override)
+        delta = None
         if at_x and fold_change is not None and self.null is None:
             delta = np.asarray(fold_change, dtype=np.float64)
-        else:
-            delta = m2.mean(points) - m1.mean(points)
-        if delta.shape != (len(points), g_all):
-            raise ValueError(f"`fold_change` must have shape {(len(points), g_all)}; got {delta.shape}")
-        sigma = m1.covariance(points, diag=False) + m2.covariance(points, diag=False)
-        q = sample_factor(m1.variance_predictor, m2.variance_predictor, points, g_all)
-        v = None
-        if m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None:
-            v = np.broadcast_to(m1.obs_variance(points) + m2.obs_variance(points), delta.shape)
-        result = mk.mahalanobis_distances(delta, sigma, self.eps, q=q, empirical_var=v)
-        self._all_mahalanobis = result.distances
-        self._mahalanobis_points = len(points)
-        self.mahalanobis_branch = result.branch
-        self.mahalanobis_distances = result.distances[: self.n_genes]
+            if delta.shape != (len(points), self._gene_count):
+                raise ValueError(f"`fold_change` must have shape {(len(points), self._gene_count)}; got {delta.shape}")
+        result = pipeline.mahalanobis_stage(model, points, pipeline.sigma_stage(model, points), None, delta)
+        self._keep_mahalanobis(result.distances[: self.n_genes], result.distances, result.branch, None)
+        if self.null is not None:
+            self.fdr_results = compute_fdr(self.mahalanobis_distances, self.null_mahalanobis_distances,
+                                           self.fdr_threshold, self.gene_names)
         return self.mahalanobis_distances
 
     def compute_fdr(self, null: Any = None, threshold: float | None = None, combine_with_internal: bool = False):

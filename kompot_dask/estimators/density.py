@@ -15,7 +15,7 @@ from ..kernels import linalg as la
 from ..kernels import neighbors as nb
 from ._density_terms import DensityChunk, Prior, gram_rhs, hessian_diag, loglik_grad
 from ..execution.reduce import LocalChunks, open_reducer
-from ._inputs import as_cell_states, check_landmarks, check_positive
+from ._inputs import as_cell_states, check_count, check_landmarks, check_positive
 from ..execution.plan import row_slices
 from ._landmarks import resolve_inducing
 from ._neighbors import nn_distances
@@ -219,7 +219,7 @@ class DensityEstimator:
         if d is not None:
             d = check_positive(d, "d")
             _check_dimension(d)
-        self.n_landmarks = n_landmarks
+        self.n_landmarks = check_count(n_landmarks, "n_landmarks", 0, allow_none=True)
         self.d_method = "manual" if d is not None else d_method
         self.ls_factor = check_positive(ls_factor, "ls_factor")
         # What the caller fixed; fit() fills the public attributes from these each time.

@@ -12,7 +12,7 @@ from ..kernels import function as fk
 from ..kernels import linalg as la
 from ._function_terms import FunctionChunk, FunctionPrior, RowBlock, projected_stats, reads_lazily, residual_cross
 from ..execution.reduce import open_reducer
-from ._inputs import as_cell_states, as_expression, check_landmarks, check_positive, read_rows
+from ._inputs import as_cell_states, as_expression, check_count, check_landmarks, check_positive, read_rows
 from ..execution.plan import row_slices
 from ._landmarks import resolve_inducing
 from ._predictor import ChunkedPredictor
@@ -147,7 +147,7 @@ class FunctionEstimator:
         random_state: int | None = 42,
         nn_float32: bool = True,
     ):
-        self.n_landmarks = n_landmarks
+        self.n_landmarks = check_count(n_landmarks, "n_landmarks", 0, allow_none=True)
         self._given = {
             "landmarks": None if landmarks is None else np.asarray(landmarks, dtype=np.float64),
             "gp_type": gp_type,

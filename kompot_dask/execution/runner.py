@@ -1,16 +1,42 @@
-"""Building and running the task graphs of a prediction: on a distributed client, or here."""
+"""Building and running task graphs: on a distributed client, or in this process.
+
+Every task runs under its caller's execution options (:class:`InOptions`), so a worker
+computes with the chunk sizes and switches set where the graph was built.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from concurrent.futures import CancelledError
+from typing import Any, Callable
 
-from ..options import get_options
+from ..options import get_options, using_options
 from .cluster import active_client
 
-__all__ = ["resolve_client", "share", "run_graph"]
+__all__ = ["InOptions", "resolve_client", "share", "run_graph", "logger"]
 
 logger = logging.getLogger("kompot_dask")
+
+ATTEMPTS = 3  # graph submissions when the cluster loses shared data with its workers
+
+
+class InOptions:
+    """``fn`` called under the options in force when this wrapper was made (picklable).
+
+    Parameters
+    ----------
+    fn : callable
+        A top-level function (picklable by reference).
+    """
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.options = get_options()
+        self.__name__ = getattr(fn, "__name__", "task")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with using_options(self.options):
+            return self.fn(*args, **kwargs)
 
 
 def resolve_client(client: Any = None):
@@ -36,14 +62,30 @@ def share(obj: Any, name: str, client: Any = None):
     return dask.delayed(obj, name=name, traverse=False)
 
 
-def run_graph(graph: Any, client: Any = None) -> Any:
-    """Compute a ``Delayed``: on ``client`` (with one retry per task and the progress bar
-    if the ``progress`` option is on), else in this process one task after another."""
-    if client is None:
-        return graph.compute(scheduler="sync")
-    future = client.compute(graph, retries=1)
-    if get_options()["progress"]:
-        from distributed import progress
+def run_graph(build: Callable[[], Any], client: Any = None) -> Any:
+    """Build a graph with ``build()`` and compute it: on ``client`` (one retry per task, the
+    progress bar if the ``progress`` option is on), else in this process, task by task.
 
-        progress(future)
-    return future.result()
+    On a cluster, data shared with :func:`share` is lost when every worker holding it dies;
+    the graph then fails with a cancelled future. ``build`` is called again (it shares the
+    data anew and, for a resumable sink, leaves out the blocks already written) up to
+    :data:`ATTEMPTS` times.
+    """
+    if client is None:
+        return build().compute(scheduler="sync")
+    for attempt in range(1, ATTEMPTS + 1):
+        future = client.compute(build(), retries=1)
+        try:
+            if get_options()["progress"]:
+                from distributed import progress
+
+                progress(future)
+            return future.result()
+        except CancelledError as err:
+            if attempt == ATTEMPTS:
+                raise
+            logger.warning("kompot_dask: shared data was lost with its workers (%s); sharing it "
+                           "again and resuming (attempt %d of %d)", err, attempt + 1, ATTEMPTS)
+        finally:
+            future.release()
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,310 @@
+"""The differential pipeline, written once and run into a sink (memory or zarr).
+
+Stages, for abundance and expression alike:
+
+1. **blocks**: per (cell chunk × gene batch) statistics (:mod:`._blocks`), written into the
+   sink with the block's marker;
+2. **Σ**: ``Σ1 + Σ2`` at the evaluation points, its branch and shared Cholesky (expression
+   with Mahalanobis only);
+3. **Mahalanobis**: per gene batch, from the shared factor;
+4. **finish**: per-gene reductions (mean log fold change, χ² PTPs, null-gene FDR), then the
+   sink is marked complete, last.
+
+Each stage is a task of one dask graph. The in-memory ``predict`` runs the graph in this
+process into a :class:`~kompot_dask.io.results.MemorySink`; the store-backed run
+(``predict(..., store=...)``, :func:`kompot_dask.parallel.predict_expression`) runs the
+same graph, on the cluster if there is one, into a :class:`~kompot_dask.io.results.ZarrSink`.
+Task names carry a token of the inputs *and* the store, so two runs into two stores are two
+graphs; a rerun into the same store leaves out the blocks already written.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._jax import x64
+from ..execution.runner import InOptions, logger, run_graph, share
+from ..fdr import compute_fdr
+from ..kernels import differential as dk
+from ..kernels import mahalanobis as mk
+from ._blocks import ABUNDANCE_KEYS, EXPRESSION_KEYS, STD_KEYS, abundance_block, expression_block
+from ._mahalanobis_inputs import sample_factor
+
+__all__ = [
+    "AbundanceModel",
+    "ExpressionModel",
+    "GeneResults",
+    "SigmaParts",
+    "abundance_graph",
+    "expression_graph",
+    "gene_results",
+    "mahalanobis_stage",
+    "run",
+    "sigma_stage",
+]
+
+DIRECTION = "log_fold_change_direction"
+
+
+class AbundanceModel(NamedTuple):
+    """What abundance prediction needs: both densities, their sample variances (or None), eps."""
+
+    density1: Any
+    density2: Any
+    variance1: Any
+    variance2: Any
+    eps: float
+
+
+class ExpressionModel(NamedTuple):
+    """What expression prediction needs: both conditions' models and the gene counts."""
+
+    condition1: Any  # ConditionModel
+    condition2: Any
+    eps: float
+    n_genes: int  # real genes (outputs)
+    n_genes_all: int  # with the null genes (Mahalanobis)
+    n_features: int
+    has_null: bool  # null genes were appended (FDR from their distances)
+    fdr_threshold: float
+    gene_names: Any
+
+
+class SigmaParts(NamedTuple):
+    """``Σ1 + Σ2`` at the evaluation points, the branch of SPEC §6.5 and the shared factor."""
+
+    sigma: np.ndarray
+    lower: np.ndarray | None
+    branch: str
+
+
+class GeneResults(NamedTuple):
+    """Per-gene results of the finish stage (gene-sized)."""
+
+    arrays: dict
+    fdr_table: Any
+    branch: str | None
+
+
+# ------------------------------------------------------------------------------ stages
+def sigma_stage(model: ExpressionModel, points: np.ndarray) -> SigmaParts:
+    """``Σ = Σ1 + Σ2`` at ``points``, its branch, and one Cholesky for every gene batch."""
+    m1, m2 = model.condition1, model.condition2
+    has_sv = m1.variance_predictor is not None or m2.variance_predictor is not None
+    has_ev = m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None
+    with x64():
+        sigma = m1.covariance(points, diag=False) + m2.covariance(points, diag=False)
+        branch = mk.select_branch(len(points), mk.diag_ratio(sigma), has_sv, has_ev)
+        shared_branch = branch in (mk.BRANCH_SHARED, mk.BRANCH_FACTOR_TRICK, mk.BRANCH_WOODBURY)
+        lower = np.asarray(mk.shared_cholesky(sigma, model.eps)) if shared_branch else None
+    return SigmaParts(np.asarray(sigma), lower, branch)
+
+
+def mahalanobis_stage(model: ExpressionModel, points: np.ndarray, parts: SigmaParts, genes: slice,
+                      delta: np.ndarray | None = None) -> mk.MahalanobisResult:
+    """Distances of the genes ``genes`` (of all genes, nulls included) at ``points``.
+
+    ``delta`` may give ``μ2 − μ1`` at ``points`` for these genes (else it is predicted).
+    """
+    m1, m2 = model.condition1, model.condition2
+    with x64():
+        if delta is None:
+            delta = m2.mean(points, genes) - m1.mean(points, genes)
+        n = delta.shape[1]
+        q = sample_factor(m1.variance_predictor, m2.variance_predictor, points, n, genes)
+        v = None
+        if m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None:
+            v = np.broadcast_to(m1.obs_variance(points, genes) + m2.obs_variance(points, genes), delta.shape)
+        return mk.mahalanobis_distances(delta, parts.sigma, model.eps, q=q, empirical_var=v, lower=parts.lower)
+
+
+def gene_results(model: ExpressionModel, distances_all: np.ndarray, n_points: int) -> tuple[dict, Any]:
+    """χ² PTPs and, with null genes, the FDR columns of the real genes' distances."""
+    g = model.n_genes
+    dist = distances_all[:g]
+    out = {
+        "mahalanobis_distances": dist,
+        "neg_log10_ptp": mk.chi2_neg_log10_ptp(dist, model.n_features),
+        "neg_log10_ptp_df_points": mk.chi2_neg_log10_ptp(dist, n_points),
+    }
+    table = None
+    if model.has_null:
+        table = compute_fdr(dist, distances_all[g:], model.fdr_threshold, model.gene_names)
+        out.update(
+            mahalanobis_pvalue=table["pvalue"].to_numpy(),
+            local_fdr=table["local_fdr"].to_numpy(),
+            tail_fdr=table["tail_fdr"].to_numpy(),
+            is_de=table["is_de"].to_numpy(),
+        )
+    return out, table
+
+
+# ------------------------------------------------------------------------------- tasks
+def _abundance_task(model: AbundanceModel, x_chunk, rows, index, sink, lfc_thr, ptp_thr):
+    with x64():
+        block = abundance_block(model.density1, model.density2, model.variance1, model.variance2, x_chunk, model.eps)
+    for key in ABUNDANCE_KEYS:
+        sink.write(key, (rows,), block[key])
+    directions = dk.directions(block["log_fold_change"], block["neg_log10_fold_change_ptp"], lfc_thr, ptp_thr)
+    sink.write(DIRECTION, (rows,), np.asarray(directions).astype(str))
+    sink.mark_done("cells", index)
+    return index
+
+
+def _finish_abundance_task(sink, blocks, meta):
+    sink.mark_done("final", (0,))
+    sink.finish(**meta)
+    return GeneResults({}, None, None)
+
+
+def _expression_task(model: ExpressionModel, x_chunk, rows, genes, index, sink, per_gene):
+    with x64():
+        block = expression_block(model.condition1, model.condition2, x_chunk, genes, model.eps)
+    for key in EXPRESSION_KEYS:
+        sink.write(key, (rows, genes), block[key])
+    if per_gene or genes.start == 0:
+        cols = genes if per_gene else slice(0, 1)
+        for key in STD_KEYS:
+            sink.write(key, (rows, cols), block[key])
+    i = index[0]
+    sink.write("_fold_change_sum", (slice(i, i + 1), genes), block["fold_change"].sum(axis=0)[None])
+    sink.mark_done("cells", index)
+    return index
+
+
+def _sigma_task(model: ExpressionModel, points, sink) -> SigmaParts:
+    """Σ and its factor; the branch is recorded so a resume with every batch done needs no Σ."""
+    parts = sigma_stage(model, points)
+    sink.write("_mahalanobis_branch", (slice(0, 1),), np.array([mk.BRANCHES.index(parts.branch)]))
+    return parts
+
+
+def _mahalanobis_task(model: ExpressionModel, points, parts: SigmaParts, genes, index, sink):
+    result = mahalanobis_stage(model, points, parts, genes)
+    sink.write("_mahalanobis_all", (genes,), result.distances)
+    sink.mark_done("mahalanobis", index)
+    return result.branch
+
+
+def _finish_expression_task(model: ExpressionModel, sink, blocks, sigma, meta, n_cells, n_points, maha):
+    """Per-gene reductions (gene-sized), then the completion mark: the graph's last task."""
+    arrays = {"mean_log_fold_change": sink.read("_fold_change_sum").sum(axis=0) / n_cells}
+    table, branch = None, None
+    if maha:
+        more, table = gene_results(model, sink.read("_mahalanobis_all"), n_points)
+        arrays.update(more)
+        branch = mk.BRANCHES[int(sink.read("_mahalanobis_branch")[0])]
+    for key, values in arrays.items():
+        sink.write(key, (slice(None),), values)
+    sink.mark_done("final", (0,))
+    sink.finish(**meta, mahalanobis_branch=branch)
+    return GeneResults(arrays, table, branch)
+
+
+# ------------------------------------------------------------------------------ graphs
+def _delayed(fn, *args, key: str):
+    import dask
+
+    return dask.delayed(InOptions(fn), pure=False)(*args, dask_key_name=key)
+
+
+def run_tag(token: str | None, sink: Any) -> str:
+    """Short tag of a run's task names: its inputs and its store (unique for memory)."""
+    from ..io.results import fingerprint
+
+    if token is None or sink.path is None:
+        return uuid.uuid4().hex[:10]
+    return fingerprint(token, sink.final)[:10]
+
+
+def abundance_graph(model: AbundanceModel, x: np.ndarray, sink: Any, cells: list[slice], thresholds: tuple,
+                    dtype: str, tag: str, client: Any = None):
+    """Lay out ``sink`` for abundance results; return ``build()`` → the graph of the pending blocks."""
+    n = len(x)
+    chunk = cells[0].stop - cells[0].start
+    for key in ABUNDANCE_KEYS:
+        sink.add_array(key, (n,), (chunk,), ("cell",), dtype, stage="cells", axes=(0,))
+    sink.add_array(DIRECTION, (n,), (chunk,), ("cell",), str, fill_value="", stage="cells", axes=(0,))
+    sink.add_stage("cells", (len(cells),))
+    sink.add_stage("final", (1,))
+
+    def build():
+        shared = share(model, f"kompot-model-{tag}", client)
+        pending = sink.pending("cells")
+        blocks = [_delayed(_abundance_task, shared, x[cells[i]], cells[i], (i,), sink, *thresholds,
+                           key=f"kompot-predict-abundance-{i}-{tag}") for (i,) in pending]
+        _describe(sink, len(cells), len(blocks))
+        meta = {"blocks_total": len(cells), "blocks_computed_last_run": len(blocks)}
+        return _delayed(_finish_abundance_task, sink, blocks, meta, key=f"kompot-finish-abundance-{tag}")
+
+    return build
+
+
+def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: list[slice], gene_batch: int,
+                     points: np.ndarray | None, dtype: str, tag: str, client: Any = None):
+    """Lay out ``sink`` for expression results; return ``build()`` → the graph of the pending blocks.
+
+    ``points`` are the Mahalanobis evaluation points (None: no Mahalanobis stage).
+    """
+    n, g, g_all = len(x), model.n_genes, model.n_genes_all
+    chunk = cells[0].stop - cells[0].start
+    genes = [slice(a, min(a + gene_batch, g)) for a in range(0, g, gene_batch)]
+    per_gene = model.condition1.per_gene_variance or model.condition2.per_gene_variance
+    for key in EXPRESSION_KEYS:
+        sink.add_array(key, (n, g), (chunk, gene_batch), ("cell", "gene"), dtype, stage="cells", axes=(0, 1))
+    for key in STD_KEYS:
+        if per_gene:
+            sink.add_array(key, (n, g), (chunk, gene_batch), ("cell", "gene"), dtype, stage="cells", axes=(0, 1))
+        else:
+            sink.add_array(key, (n, 1), (chunk, 1), ("cell", "one"), dtype, stage="cells", axes=(0, None))
+    sink.add_array("_fold_change_sum", (len(cells), g), (1, gene_batch), ("cell_chunk", "gene"),
+                   stage="cells", axes=(0, 1))
+    sink.add_array("mean_log_fold_change", (g,), (gene_batch,), ("gene",), stage="final", axes=(None,))
+    maha = points is not None
+    all_batches = [slice(a, min(a + gene_batch, g_all)) for a in range(0, g_all, gene_batch)]
+    if maha:
+        sink.add_array("_mahalanobis_all", (g_all,), (gene_batch,), ("gene_all",), stage="mahalanobis", axes=(0,))
+        sink.add_array("_mahalanobis_branch", (1,), (1,), ("one",), dtype="int8", fill_value=-1)
+        for key in ("mahalanobis_distances", "neg_log10_ptp", "neg_log10_ptp_df_points") + (
+                ("mahalanobis_pvalue", "local_fdr", "tail_fdr") if model.has_null else ()):
+            sink.add_array(key, (g,), (gene_batch,), ("gene",), stage="final", axes=(None,))
+        if model.has_null:
+            sink.add_array("is_de", (g,), (gene_batch,), ("gene",), dtype="bool", stage="final", axes=(None,))
+        sink.add_stage("mahalanobis", (len(all_batches),))
+    sink.add_stage("cells", (len(cells), len(genes)))
+    sink.add_stage("final", (1,))
+
+    def build():
+        shared = share(model, f"kompot-model-{tag}", client)
+        blocks = [_delayed(_expression_task, shared, x[cells[i]], cells[i], genes[j], (i, j), sink, per_gene,
+                           key=f"kompot-predict-expression-{i}-{j}-{tag}") for i, j in sink.pending("cells")]
+        maha_tasks, sigma = [], None
+        if maha:
+            pending = sink.pending("mahalanobis")
+            if pending or sink.read("_mahalanobis_branch")[0] < 0:  # a resume with every batch done needs no Σ
+                sigma = _delayed(_sigma_task, shared, points, sink, key=f"kompot-mahalanobis-sigma-{tag}")
+            maha_tasks = [_delayed(_mahalanobis_task, shared, points, sigma, all_batches[j], (j,), sink,
+                                   key=f"kompot-mahalanobis-genes-{j}-{tag}") for (j,) in pending]
+        _describe(sink, len(cells) * len(genes), len(blocks))
+        meta = {"blocks_total": len(cells) * len(genes), "blocks_computed_last_run": len(blocks) + len(maha_tasks)}
+        n_points = 0 if points is None else len(points)
+        return _delayed(_finish_expression_task, shared, sink, blocks + maha_tasks, sigma, meta, n, n_points, maha,
+                        key=f"kompot-finish-expression-{tag}")
+
+    return build
+
+
+def _describe(sink: Any, n_blocks: int, pending: int) -> None:
+    if sink.path is not None:
+        logger.info("kompot_dask: %s: %d of %d blocks to compute; the store takes up to %.3g GB uncompressed",
+                    sink.final, pending, n_blocks, sink.planned_bytes / 1e9)
+
+
+def run(build, client: Any = None, compute: bool = True):
+    """Run a graph from :func:`abundance_graph` / :func:`expression_graph` (or return it)."""
+    if not compute:
+        return build()
+    return run_graph(build, client)
