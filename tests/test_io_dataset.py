@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 import warnings
 
 import dask
@@ -237,6 +238,55 @@ def test_interrupted_write_leaves_no_complete_store(ds, tmp_path, monkeypatch):
         write_dataset(ds.isel(cell=slice(0, 90)), path, overwrite=True)
     assert os.listdir(tmp_path) == ["ds.zarr"]
     assert open_dataset(path).load().identical(old)
+
+
+def _late_writer_expression(ds, flag):
+    """Chunk (2, 1) fails; chunk (0, 0) is written only after that failure, ~0.3 s late."""
+
+    def block_fn(block, block_info=None):
+        where = block_info[None]["chunk-location"] if block_info else None
+        if where == (2, 1):
+            flag.touch()
+            raise RuntimeError("disk full")
+        if where == (0, 0):
+            deadline = time.monotonic() + 20
+            while not flag.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # the scheduler has raised by now: this write is still in flight
+            flag.with_name("late").touch()
+        return block
+
+    late = ds.expression.data.map_blocks(block_fn, dtype=ds.expression.dtype)
+    return ds.assign(expression=ds.expression.copy(data=late))
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "distributed"])
+def test_failed_write_waits_for_running_chunk_writes(ds, tmp_path, scheduler):
+    """The temporary store is removed only once no chunk write runs: none re-creates it.
+
+    Before the fix, the write of chunk (0, 0) landed after the cleanup and left a
+    ``.partial-*`` directory behind. The pass does not depend on timing: the writer waits
+    for every running write before it removes anything.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    bad = _late_writer_expression(ds, tmp_path / "failed")
+    if scheduler == "distributed":
+        distributed = pytest.importorskip("distributed")
+        context = distributed.Client(n_workers=1, threads_per_worker=2, processes=False,
+                                     dashboard_address=":0")
+    else:
+        context = dask.config.set(scheduler="threads", num_workers=2)
+    with context:
+        with pytest.raises(RuntimeError, match="disk full"):
+            write_dataset(bad, out / "ds.zarr")
+        waited = (tmp_path / "late").exists()  # the error came back after the late write
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "late").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # time for a write still running (only the old writer left one) to land
+        assert os.listdir(out) == []
+        assert waited
 
 
 @pytest.mark.filterwarnings("ignore:The data type")  # fixed-width strings in v3

@@ -253,3 +253,43 @@ def test_options_reach_the_workers():
         seen = client.submit(task, pure=False).result()
     assert (seen["cell_chunk_size"], seen["gene_batch_size"]) == (123, 7)
     assert kd.get_options()["cell_chunk_size"] is None
+
+
+# --------------------------------------------------------------- every worker lost
+def test_losing_every_worker_that_held_the_model_still_completes(de_plain, x, tmp_path):
+    """Both workers (each holding a copy of the shared model) are killed mid-run; their
+    nannies start new ones and the run finishes with the same numbers."""
+    distributed = pytest.importorskip("distributed")
+    import signal
+    import threading
+    import time
+
+    path = tmp_path / "de.zarr"
+    reference = de_plain.predict(x, compute_mahalanobis=True)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="3GB",
+                                  dashboard_address=":0") as lc, distributed.Client(lc) as client:
+        before = set(client.run(os.getpid).values())
+        killed = {}
+
+        def killer():
+            deadline = time.time() + 120
+            while time.time() < deadline and not killed:
+                try:
+                    done = int(zarr.open_group(path, mode="r")["_done_cells"][...].sum())
+                except Exception:
+                    done = 0
+                if done >= 4:
+                    for pid in before:
+                        os.kill(pid, signal.SIGKILL)
+                    killed["at"] = done
+                time.sleep(0.01)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        ds = predict_expression(de_plain, x, path, cell_chunk=10, gene_batch=10, client=client)
+        thread.join()
+        after = set(client.run(os.getpid).values())
+    assert killed and killed["at"] < ds.attrs["kompot_dask"]["blocks_total"]
+    assert not before & after  # every worker process was replaced
+    for key in ("fold_change", "condition1_std", "mahalanobis_distances"):
+        np.testing.assert_allclose(ds[key].values, reference[key], rtol=1e-8, atol=1e-12, err_msg=key)

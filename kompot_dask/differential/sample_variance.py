@@ -175,6 +175,7 @@ class SampleVarianceEstimator:
         client = active_client()
         if client is None:
             return [_fit_group(self.estimator_type, xs, ys, kwargs) for _, xs, ys in jobs]
+        from ..execution.runner import InOptions
         from ..io.results import fingerprint
 
         token = fingerprint(self.estimator_type, kwargs, [xs for _, xs, _ in jobs])[:10]
@@ -182,7 +183,7 @@ class SampleVarianceEstimator:
         # the graph survives the loss of a worker (the task is simply rerun elsewhere),
         # which scattered data does not. Distributed warns when that graph is large.
         futures = [
-            client.submit(_fit_group, self.estimator_type, xs, ys, kwargs,
+            client.submit(InOptions(_fit_group), self.estimator_type, xs, ys, kwargs,
                           key=f"kompot-fit-sample-{self.estimator_type}-{g}-{token}")
             for g, xs, ys in jobs
         ]

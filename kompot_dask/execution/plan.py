@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["BlockPlan", "plan_blocks", "model_bytes", "memory_target", "row_slices", "cell_chunk_rows", "NN_CHUNK_CELLS"]
+__all__ = ["BlockPlan", "plan_blocks", "model_bytes", "memory_target", "row_slices", "cell_chunk_rows",
+           "expression_chunk_rows", "NN_CHUNK_CELLS", "DATASET_CELL_CHUNK", "DATASET_GENE_CHUNK"]
 
 DEFAULT_TARGET = 2 * 2**30
 WORKER_BASELINE = 400 * 2**20  # a worker process with numpy, JAX and distributed loaded
@@ -23,6 +24,9 @@ TARGET_FRACTION = 0.6  # of a worker's memory limit: dask starts spilling at 0.6
 MAX_GENE_BATCH = 1024
 MIN_CELLS = 64
 NN_CHUNK_CELLS = 2**15  # cells per nearest-neighbour search task (unless `cell_chunk_size` says otherwise)
+DATASET_CELL_CHUNK = 4096  # stored chunk of a dataset along cells
+DATASET_GENE_CHUNK = 1024  # and along genes
+EXPRESSION_CHUNK_BYTES = 64 * 2**20  # one dense chunk of expression read from a sparse or unchunked source
 
 
 class BlockPlan(NamedTuple):
@@ -116,6 +120,18 @@ def cell_chunk_rows(n_columns: int) -> int:
     if options["cell_chunk_size"] is not None:
         return int(options["cell_chunk_size"])
     return max(256, int(options["chunk_memory_bytes"] // (8 * max(n_columns, 1))))
+
+
+def expression_chunk_rows(n_genes: int) -> int:
+    """Cells per chunk of expression read from a source without chunks of its own (sparse,
+    in memory): the ``cell_chunk_size`` option, else ``EXPRESSION_CHUNK_BYTES`` of dense
+    float64, at most ``DATASET_CELL_CHUNK`` cells."""
+    from ..options import get_options
+
+    rows = get_options()["cell_chunk_size"]
+    if rows is not None:
+        return int(rows)
+    return int(min(DATASET_CELL_CHUNK, max(1, EXPRESSION_CHUNK_BYTES // (8 * max(n_genes, 1)))))
 
 
 def _own_row_chunks(arr: Any) -> tuple[int, ...] | None:

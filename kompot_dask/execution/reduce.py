@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..options import get_options
+from .runner import InOptions
 
 __all__ = ["LocalChunks", "ClusterChunks", "open_reducer", "add_in_order", "GATHER_BYTES"]
 
@@ -166,13 +167,14 @@ class ClusterChunks:
         """Run ``fn`` on every chunk, a window of chunks at a time; yield each window's results."""
         self._calls += 1
         term = fn.__name__.replace("_", "-")
+        task = InOptions(fn)  # the worker computes under this process's options
         start = 0
         while start < len(self._futures):
             window = self._windows.get(term, 1)
             stop = min(start + window, len(self._futures))
             futures = [
                 self.client.submit(
-                    fn, self._futures[i], *args, key=f"kompot-{self.name}-{term}-{i}-{self.run}-{self._calls}",
+                    task, self._futures[i], *args, key=f"kompot-{self.name}-{term}-{i}-{self.run}-{self._calls}",
                     retries=2,
                 )
                 for i in range(start, stop)

@@ -27,14 +27,14 @@ import numpy as np
 
 from ._convert import float_dtype
 from .anndata import _gene_columns, _missing, _obs_columns, _read_index
-from .schema import CELL, CELL_STATES, DEFAULT_CELL_CHUNK, EXPRESSION, GENE
+from ..execution.plan import expression_chunk_rows
+from .schema import CELL, CELL_STATES, EXPRESSION, GENE
 
 __all__ = ["ConditionInputs", "condition_inputs"]
 
 DEFAULT_OBSM_KEY = "DM_EigenVectors"
 # Dense float64 bytes of one chunk of cells x selected genes (the size of a block as
 # the estimators read it) when the ``cell_chunk_size`` option is not set.
-_CHUNK_BYTES = 64 * 2**20
 _MAX_LISTED = 20
 
 
@@ -95,16 +95,6 @@ def _dense_small(value: Any) -> np.ndarray:
     if hasattr(value, "to_numpy"):
         value = value.to_numpy()
     return np.asarray(value)
-
-
-def _rows_per_chunk(n_genes: int) -> int:
-    """Cells per expression chunk: the ``cell_chunk_size`` option, else a memory budget."""
-    from ..options import get_options
-
-    rows = get_options().get("cell_chunk_size")
-    if rows is not None:
-        return int(rows)
-    return int(min(DEFAULT_CELL_CHUNK, max(1, _CHUNK_BYTES // (8 * max(n_genes, 1)))))
 
 
 def _is_sparse_meta(arr: Any) -> bool:
@@ -675,7 +665,7 @@ def condition_inputs(
         y1 = y2 = None
         if expression:
             n_genes = len(gene_names) if gene_names is not None else 1
-            matrix = src.matrix(layer, _rows_per_chunk(n_genes))
+            matrix = src.matrix(layer, expression_chunk_rows(n_genes))
             if matrix.ndim != 2 or matrix.shape[0] != src.n_obs:
                 msg = (
                     f"the expression has shape {matrix.shape} but the source has {src.n_obs} "

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
+from ..execution.plan import DATASET_CELL_CHUNK, DATASET_GENE_CHUNK
+
 from ._convert import as_labels, as_names, check_chunk, float_dtype, lazy_expression
 
 if TYPE_CHECKING:
@@ -54,8 +56,8 @@ EXPRESSION = "expression"
 CONDITION = "condition"
 SAMPLE_LABELS = "sample"
 
-DEFAULT_CELL_CHUNK = 4096
-DEFAULT_GENE_CHUNK = 1024
+DEFAULT_CELL_CHUNK = DATASET_CELL_CHUNK  # chunk sizes come from the one planner
+DEFAULT_GENE_CHUNK = DATASET_GENE_CHUNK
 
 DIMS: dict[str, tuple[str, ...]] = {
     CELL_STATES: (CELL, STATE),
