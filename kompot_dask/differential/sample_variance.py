@@ -8,14 +8,13 @@ uses ``Q``; the dense (n, n, G) tensor of the reference is only built on request
 from __future__ import annotations
 
 import math
-import os
-import uuid
 import warnings
 from typing import Any
 
 import numpy as np
 
 from ..estimators import DensityEstimator, FunctionEstimator
+from ..io.results import DiskStorage
 from ..estimators._inputs import as_cell_states, as_expression, take_rows
 from ..execution.plan import row_slices
 from ._checks import check_sample_labels
@@ -226,7 +225,7 @@ class SampleVarianceEstimator:
         out[slices[0]] = first
         for sl in slices[1:]:
             out[sl] = self._factor_block(x[sl], genes)
-        return out
+        return self.disk_storage.finish(out)
 
     def __call__(self, X_new: Any, diag: bool = False, progress: bool = True) -> Any:
         """Same as :meth:`predict`, so the estimator itself is a variance predictor."""
@@ -307,25 +306,3 @@ def _scalars(estimator) -> dict[str, float]:
     if result is not None:
         out["iterations"] = int(result.nit)
     return out
-
-
-class DiskStorage:
-    """A folder of zarr arrays for large intermediate results.
-
-    Parameters
-    ----------
-    directory : str
-        Created if missing. Each array gets a fresh name, so runs never overwrite
-        each other's arrays.
-    """
-
-    def __init__(self, directory: str):
-        self.directory = os.fspath(directory)
-
-    def create(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...]):
-        """A new float64 zarr (v3) array ``<name>-<unique id>.zarr`` in the folder."""
-        import zarr
-
-        os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"{name}-{uuid.uuid4().hex[:12]}.zarr")
-        return zarr.create_array(path, shape=shape, chunks=chunks, dtype="float64", zarr_format=3)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MemorySink", "ZarrSink", "StoreDamagedError", "check_store", "open_results", "fingerprint", "ATTR"]
+__all__ = ["DiskStorage", "MemorySink", "ZarrSink", "StoreDamagedError", "check_store", "open_results", "fingerprint", "ATTR"]
 
 ATTR = "kompot_dask"
 KINDS = ("abundance", "expression")
@@ -302,6 +302,38 @@ class ZarrSink:
     def meta(self) -> dict:
         """The run's metadata (``token``, ``complete`` and what the run recorded)."""
         return self._attrs()
+
+
+class DiskStorage:
+    """A folder of scratch zarr arrays (e.g. sample-variance factors), written like results:
+    crc32c chunks, every chunk on disk, ``complete`` set by :meth:`finish` after the last write.
+
+    Parameters
+    ----------
+    directory : str
+        Created if missing. Each array gets a fresh name, so runs never overwrite
+        each other's arrays.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = os.fspath(directory)
+
+    def create(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...]):
+        """A new float64 zarr (v3) array ``<name>-<unique id>.zarr`` in the folder."""
+        import zarr
+
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, f"{name}-{uuid.uuid4().hex[:12]}.zarr")
+        arr = zarr.create_array(path, shape=shape, chunks=chunks, dtype="float64", zarr_format=3,
+                                fill_value=np.nan, compressors=_codecs())
+        arr.attrs[ATTR] = {"kind": "scratch", "complete": False}
+        return arr.with_config({"write_empty_chunks": True})
+
+    @staticmethod
+    def finish(arr):
+        """Mark a fully written array complete; returns it."""
+        arr.attrs[ATTR] = {"kind": "scratch", "complete": True}
+        return arr
 
 
 def _is_empty_dir(path: str) -> bool:

@@ -4,7 +4,9 @@ A store is written under a hidden temporary name next to its destination, marked
 complete (a root attribute written after every array), its metadata consolidated, and
 only then renamed into place.
 An interrupted write therefore never leaves a store at the destination, and
-:func:`open_dataset` refuses a store without the completion marker.
+:func:`open_dataset` refuses a store without the completion marker. When a chunk write
+fails, the temporary store is removed only once no other chunk write is still running
+(:func:`_compute_write`), so none re-creates part of it afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import time
 import uuid
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable
@@ -149,13 +152,85 @@ def write_dataset(
     tag = uuid.uuid4().hex[:12]
     tmp = path.with_name(f".{path.name}.partial-{tag}")
     try:
-        prepared.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False)
+        _compute_write(prepared.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, compute=False))
         _mark_complete(tmp)
         _move_into_place(tmp, path, tag)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+# Worker task states in which a task's code may still be running (a task the scheduler
+# released while it ran is "cancelled" on its worker until its thread returns).
+_RUNNING_STATES = frozenset({"executing", "long-running", "cancelled", "resumed"})
+DRAIN_TIMEOUT = 300.0  # seconds to wait for in-flight chunk writes after a failure
+
+
+def _compute_write(job: Any) -> None:
+    """Run the chunk writes of ``job`` (``to_zarr(compute=False)``) on dask's current scheduler.
+
+    When a write fails (or the run is interrupted), dask's schedulers raise at once while
+    other chunk writes are still running; removing the temporary store then races with
+    them, and a late write re-creates part of it. So before raising, this waits until none
+    of the job's tasks is running any more: the local threaded scheduler (dask's default)
+    runs on a pool of our own that is shut down, waiting, before the error propagates; on a
+    ``distributed`` client, the workers are polled until none runs a task of the job (at
+    most :data:`DRAIN_TIMEOUT` seconds). The synchronous scheduler has nothing in flight
+    when it raises; other schedulers (processes, a user's executor) are called as they are.
+    """
+    import dask
+    import dask.threaded
+    from dask.base import get_scheduler
+
+    scheduler = get_scheduler(collections=[job])
+    if scheduler is dask.threaded.get:
+        from concurrent.futures import ThreadPoolExecutor
+
+        executor = getattr(dask.threaded, "ContextAwareThreadPoolExecutor", ThreadPoolExecutor)
+        pool = executor(dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
+        try:
+            dask.compute(job, scheduler=dask.threaded.get, pool=pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # no writer thread outlives the call
+        return
+    client = getattr(scheduler, "__self__", None)
+    if client is None or not hasattr(client, "run"):  # not a distributed Client
+        dask.compute(job)
+        return
+    future = client.compute(job)
+    try:
+        future.result()
+    except BaseException:
+        _drain(client, set(job.__dask_graph__().keys()))
+        raise
+    finally:
+        future.release()
+
+
+def _running_tasks(keys: set, dask_worker: Any = None) -> int:
+    """On a worker: how many of ``keys`` have code running there now."""
+    tasks = getattr(getattr(dask_worker, "state", None), "tasks", {})
+    return sum(1 for key in keys if key in tasks and tasks[key].state in _RUNNING_STATES)
+
+
+def _drain(client: Any, keys: set) -> None:
+    """Wait until no worker runs a task of ``keys`` (a failed job's chunk writes)."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            running = sum(client.run(_running_tasks, keys).values())
+        except Exception:  # the cluster is going away: nothing more to wait for
+            return
+        if not running:
+            return
+        time.sleep(0.05)
+    warnings.warn(
+        f"chunk writes of a failed write_dataset were still running after {DRAIN_TIMEOUT:.0f}s; "
+        "the temporary store is removed anyway and may reappear",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _mark_complete(tmp: pathlib.Path) -> None:
