@@ -148,6 +148,8 @@ def test_a_replaced_store_stays_whole_until_the_new_run_completes(de_plain, x, t
         predict_expression(de_plain, x, path, compute_mahalanobis=False, overwrite=True, cell_chunk=100)
     assert _files(path) == before  # the old results, untouched
     check_store(path)
+    aside = [p for p in os.listdir(tmp_path) if p.startswith(".de.zarr.kompot-") and p.endswith(".partial")]
+    assert len(aside) == 1  # the new run went aside
     monkeypatch.setattr(engine, "expression_block", real)
     calls.clear()
     monkeypatch.setattr(engine, "expression_block", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
@@ -293,3 +295,16 @@ def test_losing_every_worker_that_held_the_model_still_completes(de_plain, x, tm
     assert not before & after  # every worker process was replaced
     for key in ("fold_change", "condition1_std", "mahalanobis_distances"):
         np.testing.assert_allclose(ds[key].values, reference[key], rtol=1e-8, atol=1e-12, err_msg=key)
+
+
+def test_sample_variance_scratch_arrays_are_checksummed_and_marked_complete(case, tmp_path):
+    fit = dict(estimator_kwargs=dict(landmarks=case["in_landmarks"], gp_type="fixed"))
+    args = (case["in_X_condition1"], case["in_Y_condition1"], case["in_condition1_sample_indices"])
+    on_disk = kd.SampleVarianceEstimator(disk_storage_dir=str(tmp_path / "scratch")).fit(*args, **fit)
+    q = on_disk.factor(case["in_X_predict"])
+    (folder,) = (tmp_path / "scratch").iterdir()
+    arr = zarr.open_array(folder, mode="r")
+    assert arr.attrs["kompot_dask"] == {"kind": "scratch", "complete": True}
+    assert any(type(c).__name__ == "Crc32cCodec" for c in arr.compressors)
+    in_memory = kd.SampleVarianceEstimator().fit(*args, **fit).factor(case["in_X_predict"])
+    np.testing.assert_allclose(q[...], in_memory, rtol=1e-12, atol=1e-14)

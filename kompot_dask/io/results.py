@@ -356,6 +356,12 @@ def _swap_into_place(new: str, final: str) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    # Runs of other inputs written aside for this path and never finished are ours and stale.
+    parent, prefix = os.path.dirname(final), f".{os.path.basename(final)}.kompot-"
+    for name in os.listdir(parent):
+        stale = os.path.join(parent, name)
+        if name.startswith(prefix) and name.endswith(".partial") and read_meta(stale) is not None:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _chunk_file(path: str, name: str, chunk: tuple[int, ...]) -> str:
