@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import numpy as np
 import pytest
 
 DATA = pathlib.Path(__file__).parent / "data"
+
+try:
+    from hypothesis import settings
+except ImportError:  # hypothesis is a test extra; tests that need it import it themselves
+    settings = None
+
+if settings is not None:
+    # Property tests draw the same examples on every CI run (a failure reproduces from the
+    # log, with the blob to replay it); no deadline anywhere: a loaded 2-core machine is no
+    # reason to fail. `CI` set (any value but "" / "0" / "false") selects the `ci` profile.
+    settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+    settings.register_profile("dev", deadline=None)
+    _ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    settings.load_profile("ci" if _ci else "dev")
 
 
 def load_case(name: str) -> dict[str, np.ndarray]:

@@ -240,20 +240,30 @@ def test_interrupted_write_leaves_no_complete_store(ds, tmp_path, monkeypatch):
     assert open_dataset(path).load().identical(old)
 
 
-def _late_writer_expression(ds, flag):
-    """Chunk (2, 1) fails; chunk (0, 0) is written only after that failure, ~0.3 s late."""
+def _wait_for(flag, seconds=20):
+    deadline = time.monotonic() + seconds
+    while not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _late_writer_expression(ds, flags):
+    """Chunk (2, 1) fails once chunk (0, 0) runs; (0, 0) returns ~0.3 s after that failure.
+
+    Flag files (not events: the tasks may be pickled) order the two chunks whatever order
+    the scheduler starts them in; with two threads neither can block the other for good.
+    """
 
     def block_fn(block, block_info=None):
         where = block_info[None]["chunk-location"] if block_info else None
         if where == (2, 1):
-            flag.touch()
+            _wait_for(flags / "started")
+            (flags / "failed").touch()
             raise RuntimeError("disk full")
         if where == (0, 0):
-            deadline = time.monotonic() + 20
-            while not flag.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(0.3)  # the scheduler has raised by now: this write is still in flight
-            flag.with_name("late").touch()
+            (flags / "started").touch()
+            _wait_for(flags / "failed")
+            time.sleep(0.3)  # the scheduler has raised by now: this chunk's write is still to come
+            (flags / "late").touch()
         return block
 
     late = ds.expression.data.map_blocks(block_fn, dtype=ds.expression.dtype)
@@ -270,7 +280,7 @@ def test_failed_write_waits_for_running_chunk_writes(ds, tmp_path, scheduler):
     """
     out = tmp_path / "out"
     out.mkdir()
-    bad = _late_writer_expression(ds, tmp_path / "failed")
+    bad = _late_writer_expression(ds, tmp_path)
     if scheduler == "distributed":
         distributed = pytest.importorskip("distributed")
         context = distributed.Client(n_workers=1, threads_per_worker=2, processes=False,
@@ -280,10 +290,8 @@ def test_failed_write_waits_for_running_chunk_writes(ds, tmp_path, scheduler):
     with context:
         with pytest.raises(RuntimeError, match="disk full"):
             write_dataset(bad, out / "ds.zarr")
-        waited = (tmp_path / "late").exists()  # the error came back after the late write
-        deadline = time.monotonic() + 20
-        while not (tmp_path / "late").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        waited = (tmp_path / "late").exists()  # the error came back after the late chunk's write
+        _wait_for(tmp_path / "late")
         time.sleep(0.5)  # time for a write still running (only the old writer left one) to land
         assert os.listdir(out) == []
         assert waited

@@ -1,0 +1,328 @@
+"""``de(adata, ...)``: differential expression on an AnnData, written as Kompot writes it (SPEC §7.4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..differential import DifferentialExpression
+from ._common import landmarks_for, landmarks_info, prepare_adata, store_landmarks
+from ._fields import de_field_mapping, de_fields
+from ._history import check_overwrite, environment, now, record_run
+from .settings import FDRSettings, FilterSettings, GPSettings, OutputSettings, StorageSettings, as_params, \
+    settings_from
+
+__all__ = ["de"]
+
+KEY = "kompot_de"
+AUTO_NULL_GENES = 2000
+
+
+def de(
+    adata: Any,
+    groupby: str,
+    condition1: Any,
+    condition2: Any,
+    obsm_key: str = "DM_EigenVectors",
+    layer: str | None = None,
+    genes: Any = None,
+    sample_col: str | None = None,
+    gp: GPSettings | None = None,
+    fdr: FDRSettings | None = None,
+    filter: FilterSettings | None = None,  # noqa: A002 (Kompot's name)
+    storage: StorageSettings | None = None,
+    output: OutputSettings | None = None,
+    dry_run: bool = False,
+    **kwargs: Any,
+):
+    """Differential expression between two conditions of an AnnData, stored in var / layers / obs.
+
+    Kompot 0.8.0's ``de()``: same arguments, defaults and field names. Settings fields may
+    also be given as keywords (``null_genes=0``, ``result_key=...``, ``copy=True``...);
+    other keywords go to :class:`~kompot_dask.FunctionEstimator`.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The atlas (in memory).
+    groupby : str
+        obs column with each cell's condition.
+    condition1, condition2 : object
+        The conditions to compare (``condition2`` vs ``condition1``).
+    obsm_key : str, default "DM_EigenVectors"
+        Cell states.
+    layer : str, optional
+        Expression layer (default ``X``).
+    genes : sequence of str or boolean mask, optional
+        Genes to analyse (others get NaN / False in var; layers are then sparse).
+    sample_col : str, optional
+        obs column with each cell's sample: adds the between-replicate variance (and
+        switches ``null_genes="auto"`` off).
+    gp, fdr, filter, storage, output : settings, optional
+        See :mod:`kompot_dask.anndata.settings`.
+    dry_run : bool, default False
+        Return the planned sizes without computing anything.
+    **kwargs
+        Settings fields, or estimator keywords.
+
+    Returns
+    -------
+    None, dict, AnnData or (AnnData, dict)
+        ``None`` by default; with ``return_full_results`` a dict with ``table`` (per gene),
+        ``model``, ``field_names``, ``landmarks``, ``fdr_summary``; with ``copy`` the new
+        AnnData (and the dict).
+    """
+    objects = {"gp": gp, "fdr": fdr, "filter": filter, "storage": storage, "output": output}
+    settings, extra = settings_from(objects, kwargs)
+    gps = settings["gp"] or GPSettings()
+    fdrs = settings["fdr"] or FDRSettings()
+    fil = settings["filter"] or FilterSettings()
+    sto = settings["storage"] or StorageSettings()
+    out = settings["output"] or OutputSettings()
+    rk = sto.result_key or KEY
+    null_genes = fdrs.null_genes
+    if isinstance(null_genes, str):
+        null_genes = 0 if sample_col is not None else AUTO_NULL_GENES
+    fdr_on = out.compute_mahalanobis and null_genes is not None and np.size(null_genes) > 0 \
+        and not (np.ndim(null_genes) == 0 and int(null_genes) == 0)
+    sv = sample_col is not None
+    f = de_fields(rk, condition1, condition2, sv)
+    adata = prepare_adata(adata, out.copy)
+    from ..io.inputs import condition_inputs
+
+    inputs = condition_inputs(adata, groupby, condition1, condition2, obsm_key=obsm_key, layer=layer, genes=genes,
+                              sample_col=sample_col)
+    keep = _cell_filter(adata, fil.cell_filter)
+    x1, y1, l1, x2, y2, l2 = _filtered(inputs, keep, fil.min_cells, condition1, condition2)
+    gene_cols = _gene_columns(adata, inputs.gene_names)
+    if dry_run:
+        return _plan(inputs, keep, gps)
+
+    var_keys, layer_keys, obs_keys = _planned_fields(f, out, sto, fdr_on, sv)
+    check_overwrite(adata, KEY, {"var": var_keys, "layers": layer_keys, "obs": obs_keys}, sto.overwrite)
+
+    landmarks = landmarks_for(adata, gps.landmarks, rk, KEY, ("kompot_da",), inputs.x_all.shape[1])
+    model = DifferentialExpression(
+        n_landmarks=gps.n_landmarks, use_sample_variance=sv, eps=gps.eps, jit_compile=gps.jit_compile,
+        random_state=gps.random_state, batch_size=gps.batch_size or 100,
+        store_arrays_on_disk=sto.store_arrays_on_disk, disk_storage_dir=sto.disk_storage_dir,
+        max_memory_ratio=sto.max_memory_ratio, use_empirical_variance=gps.use_empirical_variance,
+        null_genes=null_genes if fdr_on else None, null_seed=fdrs.null_seed, fdr_threshold=fdrs.threshold,
+        gene_names=None if inputs.gene_names is None else [str(g) for g in inputs.gene_names],
+    )
+    model.fit(x1, y1, x2, y2, sigma=gps.sigma, ls=gps.ls, ls_factor=gps.ls_factor, landmarks=landmarks,
+              condition1_sample_indices=l1, condition2_sample_indices=l2,
+              allow_single_condition_variance=out.allow_single_condition_variance, **extra)
+    if model.computed_landmarks is not None:
+        info = landmarks_info(model.computed_landmarks, shape_as_string=True)
+        store_landmarks(adata, (rk, KEY), model.computed_landmarks, info, sto.store_landmarks)
+
+    result = model.predict(inputs.x_all[keep], compute_mahalanobis=out.compute_mahalanobis)
+    written = _store(adata, f, result, keep, gene_cols, out, sto, fdr_on, sv)
+    fdr_summary = _fdr_summary(result, fdrs.threshold) if fdr_on else None
+    run_info = {
+        "analysis_type": "de",
+        "auto_filtered": False,
+        "environment": environment(),
+        "fdr_keys": {"is_de_key": f["is_de_key"], "local_fdr_key": f["mahalanobis_local_fdr_key"],
+                     "pvalue_key": f["mahalanobis_pvalue_key"], "tail_fdr_key": f["mahalanobis_tail_fdr_key"]}
+        if fdr_on else None,
+        "fdr_results": fdr_summary,
+        "field_mapping": de_field_mapping(f, condition1, condition2, set(sum(written.values(), [])), sv,
+                                          fdrs.threshold),
+        "field_names": f,
+        "function": "compute_differential_expression",
+        "has_groups": False,
+        "lfc_key": f["mean_lfc_key"],
+        "mahalanobis_key": f["mahalanobis_key"],
+        "memory_analysis": None,
+        "params": {
+            "condition1": condition1, "condition2": condition2, "groupby": groupby, "obsm_key": obsm_key,
+            "layer": layer, "genes": None if genes is None else [str(g) for g in np.asarray(genes).tolist()],
+            "sample_col": sample_col, "gp": {**as_params(gps), "landmarks": True if landmarks is not None else None},
+            "fdr": as_params(fdrs), "filter": as_params(fil), "storage": {**as_params(sto), "result_key": rk}, "output": as_params(out),
+            **({"extra_kwargs": extra} if extra else {}),
+        },
+        "ptp_key": f["ptp_key"],
+        "result_key": rk,
+        "smoothed_layer_keys": {"condition1": f["smoothed_key_1"], "condition2": f["smoothed_key_2"],
+                                "fold_change": f["fold_change_key"]},
+        "storage_stats": None,
+        "timestamp": now(),
+        "underrepresentation": {},
+        "uses_sample_variance": sv,
+    }
+    # Kompot lists the posterior-covariance key as written even when it is not stored (kept).
+    recorded = {**written, "obsp": [f["posterior_covariance_key"]] if not sv else [], "uns": [KEY]}
+    record_run(adata, KEY, run_info, {k: v for k, v in recorded.items() if v})
+    full = None
+    if out.return_full_results or out.return_null_data:
+        full = _full_results(model, result, f, fdr_summary, inputs, fdr_on)
+    if out.copy:
+        return (adata, full) if full is not None else adata
+    return full
+
+
+# ------------------------------------------------------------------------------ pieces
+def _cell_filter(adata: Any, spec: Any) -> np.ndarray:
+    """Boolean mask over all cells (SPEC §7.4 step 5)."""
+    n = adata.n_obs
+    if spec is None:
+        return np.ones(n, dtype=bool)
+    if isinstance(spec, str):
+        if spec not in adata.obs:
+            raise ValueError(f"`cell_filter` names obs column {spec!r}, which does not exist")
+        mask = adata.obs[spec].to_numpy()
+    elif isinstance(spec, dict):
+        mask = np.ones(n, dtype=bool)
+        for column, allowed in spec.items():
+            if column not in adata.obs:
+                raise ValueError(f"`cell_filter` names obs column {column!r}, which does not exist")
+            allowed = allowed if isinstance(allowed, (list, tuple, set, np.ndarray)) else [allowed]
+            mask &= adata.obs[column].astype(str).isin([str(a) for a in allowed]).to_numpy()
+    else:
+        mask = np.asarray(spec)
+        if mask.dtype != bool:
+            idx, mask = mask, np.zeros(n, dtype=bool)
+            mask[idx] = True
+    if mask.dtype != bool or mask.shape != (n,):
+        raise ValueError(f"`cell_filter` must give one boolean per cell ({n}); got dtype {mask.dtype}, shape "
+                         f"{mask.shape}")
+    return mask
+
+
+def _filtered(inputs, keep, min_cells, condition1, condition2):
+    out = []
+    for c, (idx, x, y, labels, cond) in enumerate(
+            ((inputs.cell_index1, inputs.x1, inputs.y1, inputs.labels1, condition1),
+             (inputs.cell_index2, inputs.x2, inputs.y2, inputs.labels2, condition2)), start=1):
+        rows = keep[idx]
+        if rows.sum() < max(min_cells, 2):
+            msg = (f"condition {cond!r} keeps {int(rows.sum())} cell(s) after the cell filter; at least "
+                   f"{max(min_cells, 2)} are needed")
+            raise ValueError(msg)
+        if not rows.all():
+            sel = np.flatnonzero(rows)
+            x, y, labels = x[sel], y[sel], None if labels is None else labels[sel]
+        out += [x, y, labels]
+    return out
+
+
+def _gene_columns(adata: Any, names: Any) -> np.ndarray:
+    if names is None:
+        return np.arange(adata.n_vars)
+    index = {str(g): i for i, g in enumerate(adata.var_names)}
+    return np.array([index[str(g)] for g in names], dtype=np.int64)
+
+
+def _planned_fields(f, out, sto, fdr_on, sv):
+    var = [f["mean_lfc_key"]]
+    if out.compute_mahalanobis:
+        var.append(f["mahalanobis_key"])
+        if sto.store_additional_stats:
+            var.append(f["ptp_key"])
+    if fdr_on:
+        var += [f["mahalanobis_local_fdr_key"], f["is_de_key"]]
+        if sto.store_additional_stats:
+            var += [f["mahalanobis_pvalue_key"], f["mahalanobis_tail_fdr_key"]]
+    layers = [f["smoothed_key_1"], f["smoothed_key_2"], f["fold_change_key"]]
+    if sto.store_additional_stats:
+        layers.append(f["fold_change_zscores_key"])
+    obs = []
+    if sv:
+        layers += [f["std_key_1"], f["std_key_2"]]
+    else:
+        obs = [f["std_key_1"], f["std_key_2"]]
+    return var, layers, obs
+
+
+def _store(adata, f, result, keep, cols, out, sto, fdr_on, sv) -> dict[str, list[str]]:
+    """Write the results into ``adata`` (NaN / False for genes and cells not analysed)."""
+    var_keys, layer_keys, obs_keys = _planned_fields(f, out, sto, fdr_on, sv)
+    per_gene = {
+        f["mean_lfc_key"]: result["mean_log_fold_change"],
+        f["mahalanobis_key"]: result.get("mahalanobis_distances"),
+        f["ptp_key"]: result.get("neg_log10_ptp"),
+        f["mahalanobis_local_fdr_key"]: result.get("local_fdr"),
+        f["is_de_key"]: result.get("is_de"),
+        f["mahalanobis_pvalue_key"]: result.get("mahalanobis_pvalue"),
+        f["mahalanobis_tail_fdr_key"]: result.get("tail_fdr"),
+    }
+    # Kompot writes the FDR columns first, then the distance and the others (the var order).
+    order = [k for k in var_keys if k in (f["mahalanobis_key"], f["ptp_key"], f["mean_lfc_key"])] + \
+        [k for k in var_keys if k not in (f["mahalanobis_key"], f["ptp_key"], f["mean_lfc_key"])]
+    for key in order:
+        values = per_gene[key]
+        column = np.zeros(adata.n_vars, dtype=bool) if key == f["is_de_key"] else np.full(adata.n_vars, np.nan)
+        column[cols] = values
+        adata.var[key] = column
+    per_cell_gene = {
+        f["smoothed_key_1"]: result["condition1_imputed"],
+        f["smoothed_key_2"]: result["condition2_imputed"],
+        f["fold_change_key"]: result["fold_change"],
+        f["fold_change_zscores_key"]: result["fold_change_zscores"],
+        f["std_key_1"]: result["condition1_std"],
+        f["std_key_2"]: result["condition2_std"],
+    }
+    all_genes = len(cols) == adata.n_vars and np.array_equal(cols, np.arange(adata.n_vars))
+    for key in layer_keys:
+        adata.layers[key] = _layer(per_cell_gene[key], keep, cols, adata.shape, all_genes)
+    for key in obs_keys:
+        column = np.full(adata.n_obs, np.nan)
+        column[keep] = per_cell_gene[key][:, 0]
+        adata.obs[key] = column
+    return {"var": var_keys, "layers": layer_keys, "obs": obs_keys}
+
+
+def _layer(values: np.ndarray, keep: np.ndarray, cols: np.ndarray, shape: tuple, all_genes: bool):
+    """A full-size layer: dense with NaN rows outside the filter, or CSR zeros around a gene subset."""
+    if all_genes:
+        if keep.all():
+            return np.asarray(values, dtype=np.float64)
+        out = np.full(shape, np.nan)
+        out[keep] = values
+        return out
+    import scipy.sparse
+
+    dense_rows = np.flatnonzero(keep)
+    rows = np.repeat(dense_rows, len(cols))
+    return scipy.sparse.csr_matrix((np.asarray(values).ravel(), (rows, np.tile(cols, len(dense_rows)))), shape=shape)
+
+
+def _fdr_summary(result: dict, threshold: float) -> dict:
+    is_de = np.asarray(result["is_de"], dtype=bool)
+    dist = np.asarray(result["mahalanobis_distances"])
+    return {"fdr_threshold": threshold, "fraction_significant": float(is_de.mean()) if is_de.size else 0.0,
+            "min_significant_mahalanobis": float(dist[is_de].min()) if is_de.any() else None,
+            "n_significant": int(is_de.sum()), "n_total": int(is_de.size)}
+
+
+def _full_results(model, result, f, fdr_summary, inputs, fdr_on) -> dict:
+    import pandas as pd
+
+    columns = {"mean_lfc": result["mean_log_fold_change"]}
+    if fdr_on:
+        columns.update(pvalue=result["mahalanobis_pvalue"], local_fdr=result["local_fdr"],
+                       tail_fdr=result["tail_fdr"], is_de=result["is_de"])
+    if "mahalanobis_distances" in result:
+        columns.update(mahalanobis=result["mahalanobis_distances"], neg_log10_ptp=result["neg_log10_ptp"])
+    index = None if inputs.gene_names is None else [str(g) for g in inputs.gene_names]
+    full = {"model": model, "table": pd.DataFrame(columns, index=index), "underrepresentation": {},
+            "field_names": f}
+    if model.computed_landmarks is not None:
+        full["landmarks"] = model.computed_landmarks
+    if fdr_summary is not None:
+        full["fdr_summary"] = fdr_summary
+    if model.null is not None:
+        full["null"] = {"mahalanobis": model.null_mahalanobis_distances, "gene_indices": model.null.indices,
+                        "n_null": len(model.null.indices), "seed": model.null_seed, "source": "internal"}
+    return full
+
+
+def _plan(inputs, keep, gps) -> dict:
+    """What a run would hold (``dry_run``): sizes of the largest arrays, nothing computed."""
+    n, g = int(keep.sum()), 0 if inputs.gene_names is None else len(inputs.gene_names)
+    m = min(gps.n_landmarks or 5000, len(inputs.x1) + len(inputs.x2))
+    return {"n_cells_predicted": n, "n_genes": g, "n_landmarks": m,
+            "bytes": {"layers": 4 * n * g * 8, "landmark_factors": 2 * m * m * 8}}
