@@ -174,3 +174,25 @@ def test_sanitise_and_overwrite(ref):
     assert len(json.loads(adata.uns["kompot_da"]["run_history"])) == 2
     with pytest.raises(TypeError, match="both"):
         kd.da(adata, "condition", c1, c2, storage=kd.StorageSettings(), overwrite=True)
+
+
+def test_progress_in_process_and_dashboard_on_a_cluster(ref, tmp_path, capsys):
+    distributed = pytest.importorskip("distributed")
+    adata = _fresh(ref)
+    c1, c2 = str(ref["in_condition1"]), str(ref["in_condition2"])
+    kd.da(adata, "condition", c1, c2, gp=kd.GPSettings(n_landmarks=100), overwrite=True)
+    err = capsys.readouterr().err
+    assert "100% Completed" in err  # dask's bar, on stderr
+    kd.da(adata, "condition", c1, c2, gp=kd.GPSettings(n_landmarks=100), overwrite=True, progress=False)
+    assert "Completed" not in capsys.readouterr().err
+    report = tmp_path / "report.html"
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
+            distributed.Client(lc) as client:
+        kd.de(adata, "condition", c1, c2, gp=kd.GPSettings(n_landmarks=100), null_genes=0, overwrite=True,
+              performance_report=str(report))
+        link = client.dashboard_link
+    err = capsys.readouterr().err
+    assert f"dashboard: {link}" in err
+    execution = json.loads(adata.uns["kompot_de"]["last_run_info"])["execution"]
+    assert execution == {"dashboard": link, "performance_report": str(report)}
+    assert report.stat().st_size > 1000

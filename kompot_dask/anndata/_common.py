@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import logging
+import sys
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from ._history import now
 
-__all__ = ["prepare_adata", "landmarks_for", "landmarks_info", "store_landmarks"]
+__all__ = ["prepare_adata", "landmarks_for", "landmarks_info", "store_landmarks", "run_context"]
 
 
 def prepare_adata(adata: Any, copy: bool) -> Any:
@@ -63,3 +66,34 @@ def store_landmarks(adata: Any, keys: Sequence[str], landmarks: np.ndarray, info
         adata.uns.setdefault(key, {})["landmarks_info"] = dict(info)
     if keep_array:
         adata.uns[keys[0]]["landmarks"] = np.asarray(landmarks)
+
+
+@contextlib.contextmanager
+def run_context(progress: bool, performance_report: str | None = None) -> Iterator[dict]:
+    """Progress bars (``progress``), and on an active cluster: the dashboard link on stderr,
+    worker log records forwarded here, and a dask performance report if a path is given.
+
+    Yields a dict for the run history (``dashboard``, ``performance_report``).
+    """
+    from ..execution.cluster import active_client
+    from ..options import set_options
+
+    client = active_client()
+    record: dict[str, Any] = {"dashboard": None, "performance_report": None}
+    with contextlib.ExitStack() as stack:
+        if client is not None:
+            record["dashboard"] = getattr(client, "dashboard_link", None)
+            if progress and record["dashboard"]:
+                print(f"kompot_dask: running on {client.scheduler.address}; dashboard: {record['dashboard']}",
+                      file=sys.stderr)
+            client.forward_logging("kompot_dask", level=logging.INFO)
+            if performance_report:
+                from distributed import performance_report as report
+
+                stack.enter_context(report(filename=str(performance_report)))
+                record["performance_report"] = str(performance_report)
+        elif performance_report:
+            msg = "`performance_report` needs a dask cluster (a distributed.Client); none is active"
+            raise ValueError(msg)
+        stack.enter_context(set_options(progress=bool(progress)))
+        yield record

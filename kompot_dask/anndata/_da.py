@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..differential import DifferentialAbundance
-from ._common import landmarks_for, landmarks_info, prepare_adata, store_landmarks
+from ._common import landmarks_for, landmarks_info, prepare_adata, run_context, store_landmarks
 from ._fields import DIRECTION_CATEGORIES, DIRECTION_COLORS, da_field_mapping, da_fields
 from ._history import check_overwrite, environment, now, record_run
 from .settings import DAThresholdSettings, GPSettings, OutputSettings, StorageSettings, as_params, settings_from
@@ -28,6 +28,7 @@ def da(
     threshold: DAThresholdSettings | None = None,
     storage: StorageSettings | None = None,
     output: OutputSettings | None = None,
+    performance_report: str | None = None,
     **kwargs: Any,
 ):
     """Differential abundance between two conditions of an AnnData, stored in ``adata.obs``.
@@ -52,6 +53,9 @@ def da(
         See :mod:`kompot_dask.anndata.settings`. QUIRK (kept): without ``gp`` each
         condition resolves its own GP (no shared landmarks, no batches); with any
         ``GPSettings`` its defaults apply (5000 shared landmarks, batches of 100).
+    performance_report : str, optional
+        On a dask cluster, write dask's performance report (HTML) here; its path is kept in
+        the run history.
     **kwargs
         Settings fields, or estimator keywords.
 
@@ -92,15 +96,16 @@ def da(
     density_kwargs = dict(extra)
     if gps.ls is not None:
         density_kwargs.setdefault("ls", gps.ls)
-    model.fit(inputs.x1, inputs.x2, landmarks=landmarks, ls_factor=gps.ls_factor,
-              condition1_sample_indices=inputs.labels1, condition2_sample_indices=inputs.labels2,
-              allow_single_condition_variance=out.allow_single_condition_variance, **density_kwargs)
-    info = None
-    if model.landmarks is not None:
-        info = landmarks_info(model.landmarks, shape_as_string=False)
-        store_landmarks(adata, (rk, KEY), model.landmarks, info, sto.store_landmarks)
+    with run_context(out.progress, performance_report) as execution:
+        model.fit(inputs.x1, inputs.x2, landmarks=landmarks, ls_factor=gps.ls_factor,
+                  condition1_sample_indices=inputs.labels1, condition2_sample_indices=inputs.labels2,
+                  allow_single_condition_variance=out.allow_single_condition_variance, **density_kwargs)
+        info = None
+        if model.landmarks is not None:
+            info = landmarks_info(model.landmarks, shape_as_string=False)
+            store_landmarks(adata, (rk, KEY), model.landmarks, info, sto.store_landmarks)
 
-    result = model.predict(inputs.x_all)
+        result = model.predict(inputs.x_all)
     import pandas as pd
 
     obs = adata.obs
@@ -121,6 +126,7 @@ def da(
         "field_mapping": da_field_mapping(fields, condition1, condition2),
         "field_names": fields,
         "function": "compute_differential_abundance",
+        "execution": execution,
         "has_groups": False,
         "lfc_key": fields["lfc_key"],
         "params": {

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..differential import DifferentialExpression
-from ._common import landmarks_for, landmarks_info, prepare_adata, store_landmarks
+from ._common import landmarks_for, landmarks_info, prepare_adata, run_context, store_landmarks
 from ._fields import de_field_mapping, de_fields
 from ._history import check_overwrite, environment, now, record_run
 from .settings import FDRSettings, FilterSettings, GPSettings, OutputSettings, StorageSettings, as_params, \
@@ -34,6 +34,7 @@ def de(
     storage: StorageSettings | None = None,
     output: OutputSettings | None = None,
     dry_run: bool = False,
+    performance_report: str | None = None,
     **kwargs: Any,
 ):
     """Differential expression between two conditions of an AnnData, stored in var / layers / obs.
@@ -63,6 +64,9 @@ def de(
         See :mod:`kompot_dask.anndata.settings`.
     dry_run : bool, default False
         Return the planned sizes without computing anything.
+    performance_report : str, optional
+        On a dask cluster, write dask's performance report (HTML) here; its path is kept in
+        the run history.
     **kwargs
         Settings fields, or estimator keywords.
 
@@ -111,14 +115,15 @@ def de(
         null_genes=null_genes if fdr_on else None, null_seed=fdrs.null_seed, fdr_threshold=fdrs.threshold,
         gene_names=None if inputs.gene_names is None else [str(g) for g in inputs.gene_names],
     )
-    model.fit(x1, y1, x2, y2, sigma=gps.sigma, ls=gps.ls, ls_factor=gps.ls_factor, landmarks=landmarks,
-              condition1_sample_indices=l1, condition2_sample_indices=l2,
-              allow_single_condition_variance=out.allow_single_condition_variance, **extra)
-    if model.computed_landmarks is not None:
-        info = landmarks_info(model.computed_landmarks, shape_as_string=True)
-        store_landmarks(adata, (rk, KEY), model.computed_landmarks, info, sto.store_landmarks)
+    with run_context(out.progress, performance_report) as execution:
+        model.fit(x1, y1, x2, y2, sigma=gps.sigma, ls=gps.ls, ls_factor=gps.ls_factor, landmarks=landmarks,
+                  condition1_sample_indices=l1, condition2_sample_indices=l2,
+                  allow_single_condition_variance=out.allow_single_condition_variance, **extra)
+        if model.computed_landmarks is not None:
+            info = landmarks_info(model.computed_landmarks, shape_as_string=True)
+            store_landmarks(adata, (rk, KEY), model.computed_landmarks, info, sto.store_landmarks)
 
-    result = model.predict(inputs.x_all[keep], compute_mahalanobis=out.compute_mahalanobis)
+        result = model.predict(inputs.x_all[keep], compute_mahalanobis=out.compute_mahalanobis)
     written = _store(adata, f, result, keep, gene_cols, out, sto, fdr_on, sv)
     fdr_summary = _fdr_summary(result, fdrs.threshold) if fdr_on else None
     run_info = {
@@ -128,6 +133,7 @@ def de(
         "fdr_keys": {"is_de_key": f["is_de_key"], "local_fdr_key": f["mahalanobis_local_fdr_key"],
                      "pvalue_key": f["mahalanobis_pvalue_key"], "tail_fdr_key": f["mahalanobis_tail_fdr_key"]}
         if fdr_on else None,
+        "execution": execution,
         "fdr_results": fdr_summary,
         "field_mapping": de_field_mapping(f, condition1, condition2, set(sum(written.values(), [])), sv,
                                           fdrs.threshold),

@@ -7,6 +7,7 @@ computes with the chunk sizes and switches set where the graph was built.
 from __future__ import annotations
 
 import logging
+import sys
 from concurrent.futures import CancelledError
 from typing import Any, Callable
 
@@ -63,8 +64,9 @@ def share(obj: Any, name: str, client: Any = None):
 
 
 def run_graph(build: Callable[[], Any], client: Any = None) -> Any:
-    """Build a graph with ``build()`` and compute it: on ``client`` (one retry per task, the
-    progress bar if the ``progress`` option is on), else in this process, task by task.
+    """Build a graph with ``build()`` and compute it: on ``client`` (one retry per task), else
+    in this process, task by task; with a progress bar (on stderr) if the ``progress``
+    option is on.
 
     On a cluster, data shared with :func:`share` is lost when every worker holding it dies;
     the graph then fails with a cancelled future. ``build`` is called again (it shares the
@@ -72,7 +74,13 @@ def run_graph(build: Callable[[], Any], client: Any = None) -> Any:
     :data:`ATTEMPTS` times.
     """
     if client is None:
-        return build().compute(scheduler="sync")
+        graph = build()
+        if get_options()["progress"]:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar(out=sys.stderr):  # stdout stays free for a program's own output
+                return graph.compute(scheduler="sync")
+        return graph.compute(scheduler="sync")
     for attempt in range(1, ATTEMPTS + 1):
         future = client.compute(build(), retries=1)
         try:
