@@ -107,8 +107,12 @@ def direction_barplot(
         values = np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
     cats = [str(c) for c in counts.index]
     longest = max((len(c) for c in cats), default=1)
+    default = f"DA direction per {groupby}" + (f": {rf.comparison}" if rf.comparison else "")
+    title = title if title is not None else default
     if figsize is None:
-        figsize = (min(max(4.5, 1.8 + 0.45 * len(cats)), 24.0), 4.5 + min(longest, 30) * 0.06)
+        # room for the bars, the legend (~1.6 in) and the title (~0.1 in per character)
+        width = max(1.8 + 0.5 * len(cats), 0.1 * len(title) + 1.6, 4.5)
+        figsize = (min(width, 24.0), 4.5 + min(longest, 30) * 0.05)
     fig, ax, own = C.new_axes(ax, figsize)
     colors = C.direction_colors(adata, rf.direction_key, C.categories_of(adata.obs[rf.direction_key]))
 
@@ -120,7 +124,9 @@ def direction_barplot(
         ax.bar(x, h, bottom=bottom, color=colors[direction], label=direction, **kw)
         bottom = bottom + h
     ax.set_xticks(x)
-    rotate = longest * len(cats) > 60 or longest > 12
+    # rotate the tick labels when the longest does not fit its bar's slot (~0.085 in per char)
+    axes_in = (fig.get_figwidth() - 1.9) if own else ax.get_position().width * fig.get_figwidth()
+    rotate = 0.085 * longest > 0.9 * axes_in / max(len(cats), 1)
     ax.set_xticklabels(cats, rotation=45 if rotate else 0, ha="right" if rotate else "center",
                        rotation_mode="anchor" if rotate else "default")
     ax.set_xlim(-0.6, len(cats) - 0.4)
@@ -128,8 +134,7 @@ def direction_barplot(
         ax.set_ylim(0, 1)
     ax.set_xlabel(groupby)
     ax.set_ylabel("fraction of cells" if normalize else "number of cells")
-    default = f"DA direction per {groupby}" + (f": {rf.comparison}" if rf.comparison else "")
-    ax.set_title(title if title is not None else default)
+    ax.set_title(title)
     if legend:
         handles, labels = ax.get_legend_handles_labels()
         order = [labels.index(d) for d in C.DIRECTIONS]

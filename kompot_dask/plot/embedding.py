@@ -29,6 +29,8 @@ def _scatter_continuous(ax, xy, values, *, diverging, cmap, size, raster, colorb
                         vmax=None, scatter_kwargs):
     """Finite values on top (largest |value| last), NaN cells as a light background."""
     finite = np.isfinite(values)
+    vmin = scatter_kwargs.pop("vmin", vmin)
+    vmax = scatter_kwargs.pop("vmax", vmax)
     if diverging:
         if vmin is None or vmax is None:
             lim = C.symmetric_limit(values)

@@ -179,8 +179,12 @@ def _overlap(a, b) -> float:
     return w * h if w > 0 and h > 0 else 0.0
 
 
-def _annotate(ax, xs, ys, names, fontsize):
-    """Annotate points with names, choosing for each the first offset that overlaps nothing."""
+def _annotate(ax, xs, ys, names, fontsize, marker_radius=3.0):
+    """Annotate points with names, each at the first offset overlapping (almost) nothing.
+
+    Boxes are estimated in points from the font size (no renderer needed); a label that
+    fits nowhere takes the least-overlapping offset. Far offsets get a leader line.
+    """
     fig = ax.figure
     ax.autoscale_view()
     to_pt = 72.0 / fig.dpi
@@ -192,13 +196,14 @@ def _annotate(ax, xs, ys, names, fontsize):
         for dx, dy, ha in _OFFSETS:
             box = _label_box(px, py, dx, dy, ha, name, fontsize)
             cost = sum(_overlap(box, other) for other in placed)
-            cost += sum(_overlap(box, (qx - 2, qy - 2, qx + 2, qy + 2)) for qx, qy in pts)
+            r = marker_radius
+            cost += sum(_overlap(box, (qx - r, qy - r, qx + r, qy + r)) for qx, qy in pts)
             outside = (max(0.0, frame[0] - box[0]) + max(0.0, box[2] - frame[2])
                        + max(0.0, frame[1] - box[1]) + max(0.0, box[3] - frame[3]))
             cost += 50.0 * outside
             if cost < best_cost:
                 best, best_cost = (dx, dy, ha, box), cost
-            if cost == 0:
+            if cost <= 0.08 * (box[2] - box[0]) * (box[3] - box[1]):  # a graze is fine
                 break
         dx, dy, ha, box = best
         placed.append(box)
@@ -298,7 +303,8 @@ def volcano_de(
         highlight[top] = True
     order = np.argsort(highlight, kind="stable")
     cols = np.where(highlight, _HIGHLIGHT_COLOR, _BACKGROUND_COLOR)
-    ax.scatter(xv[order], yv[order], c=list(cols[order]), s=C.point_size(xv.size, point_size) * 1.5,
+    size = C.point_size(xv.size, point_size) * (1.5 if point_size is None else 1.0)
+    ax.scatter(xv[order], yv[order], c=list(cols[order]), s=size,
                linewidths=0, rasterized=C.rasterize(xv.size, None), **scatter_kwargs)
     ax.axvline(0.0, color="0.6", linewidth=0.6, zorder=0.5)
     ax.margins(x=0.08, y=0.08)
@@ -319,5 +325,6 @@ def volcano_de(
     ax.set_title(title if title is not None else
                  ("Differential expression: " + rf.comparison if rf.comparison else "Differential expression"))
     if top.size:
-        _annotate(ax, xv[top], yv[top], [str(s) for s in names[top]], label_fontsize)
+        _annotate(ax, xv[top], yv[top], [str(s) for s in names[top]], label_fontsize,
+                  marker_radius=0.5 * float(np.sqrt(size)))
     return C.finish(fig, ax, own, save)
