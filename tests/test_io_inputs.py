@@ -359,10 +359,12 @@ def test_csc_storage_warns_and_still_matches(adata, tmp_path):
 
 
 def test_default_chunks_follow_a_memory_budget():
-    assert inputs_module._rows_per_chunk(20) == 4096
-    assert inputs_module._rows_per_chunk(30_000) == 64 * 2**20 // (8 * 30_000)
+    from kompot_dask.execution.plan import expression_chunk_rows
+
+    assert expression_chunk_rows(20) == 4096
+    assert expression_chunk_rows(30_000) == 64 * 2**20 // (8 * 30_000)
     with kompot_dask.set_options(cell_chunk_size=100):
-        assert inputs_module._rows_per_chunk(30_000) == 100
+        assert expression_chunk_rows(30_000) == 100
 
 
 def test_lazy_inputs_fit_like_dense_arrays(tmp_path):
