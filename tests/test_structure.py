@@ -18,7 +18,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "kompot_dask"
 
 FLOOR = {"_jax": 0, "options": 0, "kernels": 0, "fdr": 0, "execution": 0, "io": 0, "testing": 0,
-         "estimators": 1, "differential": 2, "parallel": 3, "anndata": 3, "plot": 3, "cli": 3, "_cli": 3,
+         "estimators": 1, "differential": 2, "parallel": 3, "anndata": 3, "plot": 3, "cli": 3, "_cli": 3, "demo": 3,
          "__init__": 3}
 GROUND_ALLOWED = {  # ground-floor packages and what else on the ground they may import
     "kernels": {"_jax", "options", "kernels"},
