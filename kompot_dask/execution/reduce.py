@@ -5,7 +5,12 @@ a Lloyd step...) or ``[term(chunk_c, *args)]`` (nearest-neighbour distances) cut
 cells into chunks and asks :func:`open_reducer` for a reducer:
 :class:`LocalChunks` adds the terms here, one chunk after another;
 :class:`ClusterChunks` runs one task per chunk on the worker
-holding that chunk. Both add the parts in chunk order, so they give the same numbers.
+holding that chunk. Both add the parts in chunk order, so equal terms give the same sums,
+bit for bit. The terms themselves are bit-identical only where the worker's BLAS uses as
+many threads as this process's: dask starts workers with one BLAS thread, and some OpenBLAS
+kernels round differently with more (JAX's triangular solves go through it); a fit then
+differs from the in-process one by rounding that the fit amplifies (measured: at most
+6e-11 of each array's scale; ``tests/test_parallel.py`` asserts 1e-8).
 Terms are top-level functions returning tuples of arrays (picklable for workers).
 """
 
