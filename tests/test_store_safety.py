@@ -308,3 +308,30 @@ def test_sample_variance_scratch_arrays_are_checksummed_and_marked_complete(case
     assert any(type(c).__name__ == "Crc32cCodec" for c in arr.compressors)
     in_memory = kd.SampleVarianceEstimator().fit(*args, **fit).factor(case["in_X_predict"])
     np.testing.assert_allclose(q[...], in_memory, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------- datasets follow the same protocol
+def test_datasets_share_the_store_protocol(case, tmp_path):
+    from kompot_dask.io import make_dataset, open_dataset, write_dataset
+    from kompot_dask.io._protocol import read_marker
+
+    ds = make_dataset(case["in_X_condition1"], case["in_Y_condition1"], cell_chunk=300)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a kompot_dask store"):
+        write_dataset(ds, folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    path = write_dataset(ds, tmp_path / "ds.zarr")
+    assert read_marker(path) == {"kind": "dataset", "complete": True, "schema_version": 1}
+    chunk = path / "expression" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="checksum"):
+        open_dataset(path)["expression"].values
+    # A result store is not a dataset and a dataset store is not replaced by results.
+    da = kd.DifferentialAbundance().fit(case["in_X_condition1"], case["in_X_condition2"],
+                                        landmarks=case["in_landmarks"])
+    with pytest.raises(FileExistsError, match="not a kompot_dask result store"):
+        predict_abundance(da, case["in_X_predict"], path, overwrite=True)

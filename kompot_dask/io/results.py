@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from ._protocol import ATTR, checksum_codecs, is_empty_dir, read_marker, swap_into_place
+
 __all__ = ["DiskStorage", "MemorySink", "ZarrSink", "StoreDamagedError", "check_store", "open_results", "fingerprint", "ATTR"]
 
-ATTR = "kompot_dask"
 KINDS = ("abundance", "expression")
 
 
@@ -128,12 +129,6 @@ class MemorySink:
 
 
 # -------------------------------------------------------------------------------- zarr
-def _codecs():
-    from zarr.codecs import Crc32cCodec, ZstdCodec
-
-    return [ZstdCodec(level=1), Crc32cCodec()]
-
-
 def _open_array(path: str, name: str, mode: str = "r+"):
     import zarr
 
@@ -145,15 +140,8 @@ def _open_array(path: str, name: str, mode: str = "r+"):
 
 def read_meta(path: str) -> dict | None:
     """The kompot_dask attributes of the result store at ``path``, or None if it is not one."""
-    import json
-
-    try:
-        with open(os.path.join(path, "zarr.json")) as f:
-            attrs = json.load(f).get("attributes", {})
-    except (OSError, ValueError):
-        return None
-    value = attrs.get(ATTR)
-    if isinstance(value, dict) and value.get("kind") in KINDS and "token" in value:
+    value = read_marker(path)
+    if value is not None and value.get("kind") in KINDS and "token" in value:
         return value
     return None
 
@@ -188,7 +176,7 @@ class ZarrSink:
 
         final = os.path.abspath(os.fspath(path))
         existing = read_meta(final) if os.path.exists(final) else None
-        if os.path.exists(final) and existing is None and not _is_empty_dir(final):
+        if os.path.exists(final) and existing is None and not is_empty_dir(final):
             msg = (
                 f"{final!r} exists and is not a kompot_dask result store; it is never "
                 "overwritten or deleted. Choose another output path (a new directory)"
@@ -238,7 +226,7 @@ class ZarrSink:
             if fill_value is None:
                 fill_value = np.nan if np_dtype.kind == "f" else (False if np_dtype.kind == "b" else 0)
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=list(dims),
-                               fill_value=fill_value, compressors=_codecs())
+                               fill_value=fill_value, compressors=checksum_codecs())
         if stage is not None:
             attrs = self._attrs()
             attrs.setdefault("arrays", {})[name] = {"stage": stage, "axes": list(axes)}
@@ -325,7 +313,7 @@ class DiskStorage:
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"{name}-{uuid.uuid4().hex[:12]}.zarr")
         arr = zarr.create_array(path, shape=shape, chunks=chunks, dtype="float64", zarr_format=3,
-                                fill_value=np.nan, compressors=_codecs())
+                                fill_value=np.nan, compressors=checksum_codecs())
         arr.attrs[ATTR] = {"kind": "scratch", "complete": False}
         return arr.with_config({"write_empty_chunks": True})
 
@@ -336,26 +324,9 @@ class DiskStorage:
         return arr
 
 
-def _is_empty_dir(path: str) -> bool:
-    return os.path.isdir(path) and not os.listdir(path)
-
-
 def _swap_into_place(new: str, final: str) -> None:
-    """Replace the store ``final`` by the complete store ``new`` (old one removed last)."""
-    old = None
-    if os.path.exists(final):
-        if read_meta(final) is None and not _is_empty_dir(final):
-            raise FileExistsError(f"{final!r} is no longer a kompot_dask result store; the results stay in {new!r}")
-        old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.kompot-old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    try:
-        os.replace(new, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Replace the store ``final`` by the complete store ``new``, then drop stale aside runs."""
+    swap_into_place(new, final)
     # Runs of other inputs written aside for this path and never finished are ours and stale.
     parent, prefix = os.path.dirname(final), f".{os.path.basename(final)}.kompot-"
     for name in os.listdir(parent):

@@ -1,8 +1,10 @@
 """Zarr v3 stores of schema datasets: crash-safe writes and lazy, checked opens.
 
 A store is written under a hidden temporary name next to its destination, marked
-complete (a root attribute written after every array), its metadata consolidated, and
-only then renamed into place.
+complete (the root attribute ``kompot_dask = {"kind": "dataset", "complete": true}`` written
+after every array, the protocol of :mod:`kompot_dask.io._protocol`), its metadata
+consolidated, and only then swapped into place; numeric chunks carry crc32c checksums, and
+an existing path is replaced only if it holds a kompot_dask store.
 An interrupted write therefore never leaves a store at the destination, and
 :func:`open_dataset` refuses a store without the completion marker. When a chunk write
 fails, the temporary store is removed only once no other chunk write is still running
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
+from ._protocol import ATTR, LEGACY_DATASET_ATTR, checksum_codecs, is_empty_dir, is_ours, swap_into_place
 from .schema import (
     CELL,
     CELL_STATES,
@@ -39,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["write_dataset", "open_dataset", "COMPLETE_ATTR", "SCHEMA_VERSION"]
 
-COMPLETE_ATTR = "kompot_dask_store"
+COMPLETE_ATTR = LEGACY_DATASET_ATTR  # read for stores written before the shared protocol
 SCHEMA_VERSION = 1
 
 
@@ -59,7 +62,7 @@ def _prepare(ds: xr.Dataset, cell_chunk: int | None, gene_chunk: int | None) -> 
     if gene_chunk is not None:
         gene_chunk = check_chunk(gene_chunk, "gene_chunk")
     out = ds.copy()
-    out.attrs = {k: v for k, v in ds.attrs.items() if k != COMPLETE_ATTR}
+    out.attrs = {k: v for k, v in ds.attrs.items() if k not in (COMPLETE_ATTR, ATTR)}
     target: dict[str, int] = {}
     for name in (CELL_STATES, EXPRESSION):
         if name in out.data_vars and out[name].chunks is not None:
@@ -78,6 +81,9 @@ def _prepare(ds: xr.Dataset, cell_chunk: int | None, gene_chunk: int | None) -> 
             out[name] = out[name].chunk({d: spec[d] for d in out[name].dims})
     for var in out.variables.values():
         var.encoding = {}
+    for name in (CELL_STATES, EXPRESSION):
+        if name in out.data_vars:
+            out[name].encoding = {"compressors": checksum_codecs()}  # crc32c per chunk (io._protocol)
     for name in (*LABELS, CELL, GENE):
         if name in out.variables:
             values = np.asarray(out[name].values, dtype=object).astype(str).astype(object)
@@ -140,7 +146,13 @@ def write_dataset(
         )
         raise ValueError(msg)
     path = pathlib.Path(store_path)
-    if path.exists() and not overwrite:
+    if path.exists() and not is_ours(path):
+        msg = (
+            f"{str(path)!r} exists and is not a kompot_dask store; it is never overwritten. "
+            "Choose another path"
+        )
+        raise FileExistsError(msg)
+    if path.exists() and not overwrite and not is_empty_dir(path):
         msg = (
             f"{str(path)!r} already exists; pass overwrite=True to replace it "
             "or choose another path"
@@ -154,7 +166,7 @@ def write_dataset(
     try:
         _compute_write(prepared.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, compute=False))
         _mark_complete(tmp)
-        _move_into_place(tmp, path, tag)
+        swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -238,28 +250,10 @@ def _mark_complete(tmp: pathlib.Path) -> None:
     import zarr
 
     group = zarr.open_group(tmp, mode="r+", zarr_format=3)
-    group.attrs[COMPLETE_ATTR] = {"complete": True, "schema_version": SCHEMA_VERSION}
+    group.attrs[ATTR] = {"kind": "dataset", "complete": True, "schema_version": SCHEMA_VERSION}
     with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec (yet)
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(str(tmp), zarr_format=3)
-
-
-def _move_into_place(tmp: pathlib.Path, path: pathlib.Path, tag: str) -> None:
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{tag}")
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        raise
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
 
 
 def open_dataset(store_path: Any, *, validate: bool = True) -> xr.Dataset:
@@ -299,8 +293,8 @@ def open_dataset(store_path: Any, *, validate: bool = True) -> xr.Dataset:
     except Exception as err:  # zarr raises several types for "not a group"
         msg = f"{where!r} is not a readable zarr group ({err}); pass a store from write_dataset()"
         raise ValueError(msg) from err
-    marker = group.attrs.get(COMPLETE_ATTR)
-    if not (isinstance(marker, dict) and marker.get("complete") is True):
+    marker = group.attrs.get(ATTR) or group.attrs.get(COMPLETE_ATTR)
+    if not (isinstance(marker, dict) and marker.get("complete") is True and marker.get("kind", "dataset") == "dataset"):
         msg = (
             f"the store at {where!r} is incomplete (no completion marker): its write was "
             "interrupted or it was not written by write_dataset(). Re-run "
@@ -312,6 +306,7 @@ def open_dataset(store_path: Any, *, validate: bool = True) -> xr.Dataset:
         where, chunks={}, consolidated=consolidated, zarr_format=group.metadata.zarr_format
     )
     ds.attrs.pop(COMPLETE_ATTR, None)
+    ds.attrs.pop(ATTR, None)
     for name in (*LABELS, CELL, GENE):
         if name in ds.variables:
             values = np.asarray(ds[name].values, dtype=object).astype(str)
