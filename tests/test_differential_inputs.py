@@ -130,3 +130,15 @@ def test_duplicated_cells_in_condition1_stop_the_de_length_scale(data, landmarks
     x1[1] = x1[0]
     with pytest.raises(ValueError, match="X_condition1.*identical twin.*ls"):
         _de_fit(data, landmarks, X_condition1=x1)
+
+
+def test_a_single_sample_condition_is_refused_before_any_fit(data, landmarks, monkeypatch):
+    import kompot_dask.differential.abundance as abundance
+
+    fits = []
+    real = abundance.DensityEstimator.fit
+    monkeypatch.setattr(abundance.DensityEstimator, "fit", lambda self, *a, **k: fits.append(1) or real(self, *a, **k))
+    with pytest.raises(ValueError, match="condition1_sample_indices.*allow_single_condition_variance"):
+        _da_fit(data, landmarks, condition1_sample_indices=np.zeros(len(data.x1)),
+                condition2_sample_indices=data.samples2)
+    assert fits == []

@@ -8,7 +8,7 @@ import numpy as np
 
 from .sample_variance import SampleVarianceEstimator, TooFewSamplesError
 
-__all__ = ["fit_sample_variances", "variance_diag", "variance_factor"]
+__all__ = ["fit_sample_variances", "check_sample_counts", "variance_diag", "variance_factor"]
 
 
 def fit_sample_variances(
@@ -36,20 +36,45 @@ def fit_sample_variances(
             errors[i] = err
     if not errors:
         return fitted
-    names = [f"condition{i + 1}_sample_indices" for i in errors]
     donors = [i for i in range(len(fitted)) if i not in errors and fitted[i] is not None]
     if not allow_single_condition_variance or not donors:
-        first = next(iter(errors.values()))
-        hint = (
-            "Pass allow_single_condition_variance=True to use the other condition's sample "
-            "variance for both" if not allow_single_condition_variance and donors
-            else "Neither condition has two usable samples; drop the sample labels"
-        )
-        msg = f"`{' and '.join(names)}`: {first} {hint}."
-        raise ValueError(msg)
+        raise ValueError(_too_few_message(list(errors), str(next(iter(errors.values()))),
+                                          bool(donors) and not allow_single_condition_variance))
     for i in errors:
         fitted[i] = fitted[donors[0]]
     return fitted
+
+
+def check_sample_counts(labels: Sequence[np.ndarray | None], allow_single_condition_variance: bool,
+                        given: Sequence[Any] = (None, None), min_cells: int = 2) -> None:
+    """Before any fit: the error :func:`fit_sample_variances` would raise after the fits,
+    when a condition has fewer than 2 samples of ``min_cells`` cells."""
+    short, usable = [], []
+    for i, lab in enumerate(labels):
+        if lab is None or given[i] is not None:
+            usable.append(given[i] is not None)
+            continue
+        groups, counts = np.unique(lab, return_counts=True)
+        kept = int((counts >= min_cells).sum())
+        usable.append(kept >= 2)
+        if kept < 2:
+            short.append((i, f"sample variance needs at least 2 samples with >= {min_cells} cells each; found "
+                             f"{kept} (labels present: {groups.tolist()})."))
+    if not short:
+        return
+    donors = [i for i, ok in enumerate(usable) if ok]
+    if allow_single_condition_variance and donors:
+        return
+    raise ValueError(_too_few_message([i for i, _ in short], short[0][1],
+                                      bool(donors) and not allow_single_condition_variance))
+
+
+def _too_few_message(conditions: list[int], reason: str, can_lend: bool) -> str:
+    names = " and ".join(f"`condition{i + 1}_sample_indices`" for i in conditions)
+    hint = ("Allow the other condition's sample variance for both (allow_single_condition_variance=True)"
+            if can_lend else "Neither condition has two usable samples: give each two or more replicates, or "
+                             "drop the sample labels")
+    return f"{names}: {reason.rstrip('.')}. {hint}."
 
 
 def variance_diag(predictor: Any, x: np.ndarray, genes: Any = None) -> np.ndarray:

@@ -26,7 +26,7 @@ from ._checks import (
 from . import pipeline
 from ._blocks import ABUNDANCE_KEYS
 from ._runs import check_run_arguments, finish_run, model_token, open_sink, planned_blocks
-from ._variance import fit_sample_variances
+from ._variance import check_sample_counts, fit_sample_variances
 from .sample_variance import SampleVarianceEstimator
 
 __all__ = ["DifferentialAbundance"]
@@ -155,6 +155,9 @@ class DifferentialAbundance:
         has_labels = labels1 is not None or labels2 is not None
         given_variance = self.variance_predictor1 is not None or self.variance_predictor2 is not None
         check_sample_variance_request(self.use_sample_variance, has_labels or given_variance)
+        if has_labels and self.use_sample_variance is not False:  # fail before the fits, not after
+            check_sample_counts([labels1, labels2], allow_single_condition_variance,
+                                (self.variance_predictor1, self.variance_predictor2))
         kwargs = self._estimator_kwargs(x1, x2, landmarks, ls_factor, density_kwargs)
         if sync_parameters:
             self.synced_parameters, self.synced_nn_distances = _synced_parameters(np.vstack([x1, x2]), kwargs)

@@ -23,7 +23,7 @@ from ._checks import check_conditions, check_ptp_threshold, check_sample_labels,
 from ._expression_model import ConditionModel, expression_length_scale, fit_empirical_variance
 from ._mahalanobis_inputs import evaluation_points
 from ._null_genes import draw_null_genes
-from ._variance import fit_sample_variances
+from ._variance import check_sample_counts, fit_sample_variances
 from .sample_variance import SampleVarianceEstimator
 
 __all__ = ["DifferentialExpression"]
@@ -211,6 +211,9 @@ class DifferentialExpression:
         has_labels = labels1 is not None or labels2 is not None
         given_variance = self.variance_predictor1 is not None or self.variance_predictor2 is not None
         check_sample_variance_request(self.use_sample_variance, has_labels or given_variance)
+        if has_labels and self.use_sample_variance is not False:  # fail before the fits, not after
+            check_sample_counts([labels1, labels2], allow_single_condition_variance,
+                                (self.variance_predictor1, self.variance_predictor2))
         self.n_features, self.n_genes = x1.shape[1], g1
         if self.gene_names is not None and len(self.gene_names) != g1:
             raise ValueError(f"`gene_names` has {len(self.gene_names)} names but the expression has {g1} genes")
