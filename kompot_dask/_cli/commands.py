@@ -131,9 +131,11 @@ def _cluster(values: dict[str, Any], connect_only: bool = False) -> Iterator[Any
     """The ``distributed.Client`` asked for (closed afterwards), or None to run in-process.
 
     ``connect_only`` (planning): connect to a given scheduler without setting up its
-    workers, and start no local cluster.
+    workers, and start no local cluster. Otherwise the workers are checked to run the same
+    versions as this process and get the JAX plugin (``prepare_client``; RuntimeError,
+    exit 1, if they differ).
     """
-    from ..execution import get_client
+    from ..execution import get_client, prepare_client
 
     if values["scheduler"] or values["scheduler_file"]:
         from distributed import Client
@@ -142,11 +144,11 @@ def _cluster(values: dict[str, Any], connect_only: bool = False) -> Iterator[Any
         log.info("connecting to %s", where)
         if values["scheduler_file"]:
             client = Client(scheduler_file=values["scheduler_file"])
-            if not connect_only:
-                get_client()  # the client just made is the active one: set up its workers
         else:
-            client = get_client(values["scheduler"], setup_workers=not connect_only)
+            client = Client(values["scheduler"])
         try:
+            if not connect_only:
+                prepare_client(client)
             yield client
         finally:
             client.close()

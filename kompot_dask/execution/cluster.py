@@ -2,7 +2,10 @@
 
 :func:`get_client` is the one explicit entry point: the active ``distributed.Client`` if
 there is one, a scheduler address if given, otherwise a ``LocalCluster`` sized to the
-machine (only because the caller asked for a client). :func:`active_client` only looks.
+machine (only because the caller asked for a client); it checks the workers' versions
+and registers :class:`JaxWorkerSetup` (:func:`~kompot_dask.execution.prepare_client`).
+:func:`active_client` only looks. :func:`dask_setup` is the same JAX set-up as a worker
+preload (``dask worker --preload kompot_dask.execution.cluster``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["JaxWorkerSetup", "active_client", "get_client"]
+from .versions import check_versions
+
+__all__ = ["JaxWorkerSetup", "active_client", "dask_setup", "get_client", "prepare_client"]
 
 PLUGIN_NAME = "kompot-dask-jax-setup"
 
@@ -83,6 +88,7 @@ def get_client(
     threads_per_worker: int = 1,
     memory_limit: str | int | None = None,
     setup_workers: bool = True,
+    check_versions: bool = True,
 ):
     """A ``distributed.Client`` to run kompot_dask on.
 
@@ -98,15 +104,27 @@ def get_client(
     memory_limit : str or int, optional
         Memory limit per worker of a new local cluster (e.g. ``"5GB"``).
     setup_workers : bool, default True
-        Register :class:`JaxWorkerSetup` on the workers.
+        Prepare the workers (:func:`~kompot_dask.execution.prepare_client`): check that
+        they run the same kompot_dask, dask, distributed, jax and numpy as this process,
+        then register :class:`JaxWorkerSetup` on them.
+    check_versions : bool, default True
+        Run the version check (with ``setup_workers``).
 
     Returns
     -------
     distributed.Client
+
+    Raises
+    ------
+    RuntimeError
+        A worker or the scheduler runs other versions
+        (:func:`~kompot_dask.execution.check_versions`); a client this call created is
+        closed first (with its local cluster).
     """
     from distributed import Client, LocalCluster
 
     client = active_client() if address is None else None
+    created = client is None
     if client is None and address is not None:
         client = Client(address)
     if client is None:
@@ -119,8 +137,32 @@ def get_client(
         )
         client = Client(cluster)
     if setup_workers:
-        client.register_plugin(_as_plugin(JaxWorkerSetup(threads_per_worker)), name=PLUGIN_NAME)
+        try:
+            prepare_client(client, xla_threads=threads_per_worker, check=check_versions)
+        except BaseException:
+            if created:
+                cluster = client.cluster
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+            raise
     return client
+
+
+def dask_setup(worker: Any = None) -> None:
+    """Preload hook: ``dask worker --preload kompot_dask.execution.cluster``.
+
+    Applies :class:`JaxWorkerSetup` (one XLA thread, float64 JAX) when the worker process
+    starts, before any task imports JAX, so the XLA thread flag takes effect. Optional: the
+    client registers the same setup as a plugin (:func:`get_client`,
+    :func:`~kompot_dask.execution.prepare_client`); the version check always runs there.
+
+    Parameters
+    ----------
+    worker : distributed.Worker, optional
+        The worker being started (passed by distributed).
+    """
+    JaxWorkerSetup(1).setup(worker)
 
 
 def _as_plugin(setup: JaxWorkerSetup):
@@ -137,3 +179,36 @@ def _as_plugin(setup: JaxWorkerSetup):
             JaxWorkerSetup(self.xla_threads).setup(worker)
 
     return _Plugin(setup.xla_threads)
+
+
+def prepare_client(client: Any, *, xla_threads: int | None = 1, check: bool = True) -> Any:
+    """Make a connected client ready for kompot_dask: version check, then worker plugin.
+
+    Runs :func:`check_versions`, then registers
+    :class:`~kompot_dask.execution.cluster.JaxWorkerSetup` (float64 JAX, XLA threads
+    bounded; workers that join or restart later get it too). :func:`~kompot_dask.execution.get_client` and the
+    ``kompot-dask`` command call this; call it yourself on a ``Client`` you made.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        A connected client.
+    xla_threads : int or None, default 1
+        XLA CPU threads per worker process (None: leave XLA's default).
+    check : bool, default True
+        Run :func:`check_versions`.
+
+    Returns
+    -------
+    distributed.Client
+        The same client.
+
+    Raises
+    ------
+    RuntimeError
+        From :func:`check_versions`.
+    """
+    if check:  # first: a worker of another release may fail to unpickle the plugin
+        check_versions(client)
+    client.register_plugin(_as_plugin(JaxWorkerSetup(xla_threads)), name=PLUGIN_NAME)
+    return client
