@@ -50,3 +50,13 @@ def test_fitted_state_is_small_and_picklable():
     assert len(blob) < 100_000  # landmark-sized, independent of the number of cells
     again = pickle.loads(blob)
     np.testing.assert_array_equal(again(x[:10]), est.predict(x[:10]))
+
+
+def test_import_is_lazy_until_a_name_is_used():
+    out = _run(
+        "import sys, kompot_dask as kd, kompot_dask.anndata, kompot_dask.cli;"
+        "light = [m for m in ('jax', 'scipy', 'dask') if m in sys.modules];"
+        "kd.DifferentialAbundance; kd.da;"
+        "print(light, 'jax' in sys.modules, sorted(set(kd.__all__) - set(dir(kd))))"
+    )
+    assert out.strip() == "[] True []"
