@@ -32,40 +32,69 @@ def _fresh(ref):
     return adata
 
 
-def _run_a(ref):
+# The same calls on the atlas in memory and, out of core, on its path: an AnnData-zarr
+# (format 3: layers moved into it; format 2: streamed into it) and an .h5ad (results in an
+# AnnData-zarr beside it). Every test below runs on each route.
+ROUTES = ("memory", "zarr", "zarr-v2", "h5ad")
+
+
+def _atlas(ref, route, where):
+    """What the calls take, and how to read the annotated AnnData back."""
     adata = _fresh(ref)
+    if route == "memory":
+        return adata, lambda: adata
+    if route == "h5ad":
+        path = where / "atlas.h5ad"
+        adata.write_h5ad(path)
+        return str(path), lambda: anndata.read_zarr(where / "atlas.kompot.zarr")
+    path = where / "atlas.zarr"
+    with anndata.settings.override(zarr_write_format=3 if route == "zarr" else 2):
+        adata.write_zarr(path)
+    return str(path), lambda: anndata.read_zarr(path)
+
+
+def _run_a(ref, route="memory", where=None):
+    atlas, read = _atlas(ref, route, where)
     c1, c2 = str(ref["in_condition1"]), str(ref["in_condition2"])
-    before = {loc: set(getattr(adata, loc).keys()) for loc in ("obs", "var", "layers", "obsm", "obsp", "varm")}
-    da_out = kd.da(adata, "condition", c1, c2, gp=kd.GPSettings(n_landmarks=100, random_state=0),
+    locations = ("obs", "var", "layers", "obsm", "obsp", "varm")
+    before = {loc: set(getattr(read(), loc).keys()) for loc in locations} if route != "h5ad" else None
+    da_out = kd.da(atlas, "condition", c1, c2, gp=kd.GPSettings(n_landmarks=100, random_state=0),
                    storage=kd.StorageSettings(store_landmarks=True),
                    output=kd.OutputSettings(progress=False, return_full_results=True))
-    after_da = {loc: set(getattr(adata, loc).keys()) for loc in before}
-    de_out = kd.de(adata, "condition", c1, c2, gp=kd.GPSettings(n_landmarks=100, random_state=0),
+    after_da = {loc: set(getattr(read(), loc).keys()) for loc in locations}
+    if before is None:  # the results store beside an .h5ad starts as its obs, var and obsm
+        before = {loc: set(getattr(_fresh(ref), loc).keys()) for loc in locations}
+    de_out = kd.de(atlas, "condition", c1, c2, gp=kd.GPSettings(n_landmarks=100, random_state=0),
                    fdr=kd.FDRSettings(null_genes=100),
                    storage=kd.StorageSettings(store_landmarks=True, store_additional_stats=True),
                    output=kd.OutputSettings(progress=False, return_full_results=True, return_null_data=True))
-    return adata, before, after_da, da_out, de_out
+    return read(), before, after_da, da_out, de_out
 
 
-def _run_b(ref):
-    adata = _fresh(ref)
+def _run_b(ref, route="memory", where=None):
+    atlas, read = _atlas(ref, route, where)
     c1, c2 = str(ref["in_condition1"]), str(ref["in_condition2"])
-    kd.da(adata, "condition", c1, c2, sample_col="sample", gp=kd.GPSettings(n_landmarks=100, random_state=0),
+    kd.da(atlas, "condition", c1, c2, sample_col="sample", gp=kd.GPSettings(n_landmarks=100, random_state=0),
           storage=kd.StorageSettings(store_landmarks=True), output=kd.OutputSettings(progress=False))
-    kd.de(adata, "condition", c1, c2, sample_col="sample", gp=kd.GPSettings(n_landmarks=100, random_state=0),
+    kd.de(atlas, "condition", c1, c2, sample_col="sample", gp=kd.GPSettings(n_landmarks=100, random_state=0),
           storage=kd.StorageSettings(store_landmarks=True, store_additional_stats=True),
           output=kd.OutputSettings(progress=False))
-    return adata
+    return read()
+
+
+@pytest.fixture(scope="module", params=ROUTES)
+def route(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def run_a(ref):
-    return _run_a(ref)
+def run_a(ref, route, tmp_path_factory):
+    return _run_a(ref, route, tmp_path_factory.mktemp(f"a-{route}"))
 
 
 @pytest.fixture(scope="module")
-def run_b(ref):
-    return _run_b(ref)
+def run_b(ref, route, tmp_path_factory):
+    return _run_b(ref, route, tmp_path_factory.mktemp(f"b-{route}"))
 
 
 def _keys(ref, tag, loc, which="added"):

@@ -208,3 +208,34 @@ def test_outputs_appear_only_when_committed(tmp_path):
     done.discard()
     assert (old / "zarr.json").read_text() == '{"new": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad", "out.zarr", "plain"]
+
+
+def _tree(path) -> dict[str, float]:
+    return {os.path.relpath(os.path.join(d, f), path): os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(path) for f in files}
+
+
+def test_zarr_output_is_written_out_of_core_and_matches_the_h5ad_output(tmp_path, zarr_input):
+    """-o *.zarr: the atlas is read lazily, the output holds obs/var/obsm/uns and the result
+    layers (no X), with the values of the in-memory run that writes an .h5ad."""
+    before = _tree(zarr_input)
+    _ok(_cli(["de", zarr_input, *COMPARE, *FAST, "-o", "lazy.zarr"], tmp_path))
+    _ok(_cli(["de", zarr_input, *COMPARE, *FAST, "-o", "memory.h5ad"], tmp_path))
+    assert _tree(zarr_input) == before  # the input is only read
+    assert sorted(os.listdir(tmp_path)) == ["lazy.zarr", "memory.h5ad"]  # no staging store left behind
+    lazy, memory = anndata.read_zarr(tmp_path / "lazy.zarr"), anndata.read_h5ad(tmp_path / "memory.h5ad")
+    assert lazy.X is None and list(lazy.obs_names) == list(memory.obs_names)
+    assert sorted(lazy.obsm) == sorted(memory.obsm) and sorted(lazy.layers) == sorted(memory.layers)
+    for key in memory.layers:
+        # ls from the cells' own NN distances: 1e-5 relative between runs (reference README §3)
+        np.testing.assert_allclose(lazy.layers[key], memory.layers[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for key in [c for c in memory.var if c.startswith("kompot_de")]:
+        a, b = lazy.var[key].to_numpy(), memory.var[key].to_numpy()
+        if b.dtype == bool:
+            np.testing.assert_array_equal(a, b, err_msg=key)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=key)
+
+    proc = _cli(["de", zarr_input, *COMPARE, *FAST, "--overwrite", "-o", zarr_input], tmp_path)
+    assert proc.returncode != 0 and "is the input" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert _tree(zarr_input) == before

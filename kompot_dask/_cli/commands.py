@@ -14,7 +14,7 @@ import time
 from typing import Any, Iterator
 
 from . import UsageError
-from .files import ANNDATA_SUFFIXES, Outputs, read_atlas, table_paths, write_atlas, write_table
+from .files import ANNDATA_SUFFIXES, Outputs, open_atlas, read_atlas, table_paths, write_atlas, write_table
 from .options import COMMANDS, analysis_kwargs
 from .plan import atlas_summary, da_stage, de_stage, memory_budget
 
@@ -26,18 +26,22 @@ def execute(command: str, values: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Run ``command``; returns the exit code and the JSON for stdout."""
     stages = COMMANDS[command][0]
     planning = command == "plan" or values["dry_run"]
+    # An AnnData-zarr output is written out of core: the atlas is read lazily and the
+    # results (obs, var, obsm, uns and the layers, no X) are computed into the output.
+    lazy = not planning and pathlib.Path(values["output"]).suffix.lower() == ".zarr"
     outputs = Outputs(overwrite=values["overwrite"])
     files: dict[str, Any] = {}
     if not planning:
-        files["output"] = outputs.reserve(_checked_output(values["output"]), "output")
+        files["output"] = outputs.reserve(_checked_output(values["output"], values["input"], lazy), "output")
         if values["table_output"]:
             for stage, path in table_paths(values["table_output"], stages).items():
                 files[stage] = (path, outputs.reserve(path, "table output"))
 
     log.info("reading %s", values["input"])
-    adata = read_atlas(values["input"])
+    adata = open_atlas(values["input"]) if lazy else read_atlas(values["input"])
+    source = values["input"] if lazy else adata
     kwargs = {stage: {**{k: values[k] for k in COMPARISON}, **analysis_kwargs(values, stage)} for stage in stages}
-    dry = _check_inputs(adata, kwargs, stages)
+    dry = _check_inputs(source, kwargs, stages)
     if planning:
         plan = _plan(command, adata, values, kwargs, dry)
         return (0 if plan["fits"] else 1), plan
@@ -49,9 +53,11 @@ def execute(command: str, values: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         with _cluster(values) as client:
             if client is not None:
                 summary["scheduler"] = client.scheduler.address
-            results = {stage: _analyse(stage, adata, kwargs[stage], values) for stage in stages}
-        log.info("writing %s", values["output"])
-        write_atlas(adata, files["output"], pathlib.Path(values["output"]))
+            store = str(files["output"]) if lazy else None
+            results = {stage: _analyse(stage, source, kwargs[stage], values, store) for stage in stages}
+        if not lazy:
+            log.info("writing %s", values["output"])
+            write_atlas(adata, files["output"], pathlib.Path(values["output"]))
         for stage, full in results.items():
             summary[stage] = _summary(stage, full)
             if stage in files:
@@ -67,9 +73,12 @@ def execute(command: str, values: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     return 0, summary
 
 
-def _checked_output(path: str) -> str:
+def _checked_output(path: str, source: str, lazy: bool) -> str:
     if pathlib.Path(path).suffix.lower() not in ANNDATA_SUFFIXES:
         raise UsageError(f"-o/--output must end in .h5ad or .zarr; got {path}")
+    if lazy and pathlib.Path(path).resolve() == pathlib.Path(source).resolve():
+        raise UsageError(f"-o/--output {path} is the input; a .zarr output holds the results without X, so "
+                         "it must be a new path (or call kompot_dask.da/de on the path to add results in place)")
     return path
 
 
@@ -85,13 +94,15 @@ def _check_inputs(adata: Any, kwargs: dict[str, dict], stages: tuple[str, ...]) 
     return None
 
 
-def _analyse(stage: str, adata: Any, kwargs: dict[str, Any], values: dict[str, Any]) -> dict:
+def _analyse(stage: str, source: Any, kwargs: dict[str, Any], values: dict[str, Any], store: str | None) -> dict:
+    """One analysis: on the AnnData in memory, or on the input's path into ``store``."""
     from .. import da, de
 
     log.info("running %s", stage)
     function = da if stage == "da" else de
-    return function(adata, **kwargs, overwrite=values["overwrite"], progress=not values["no_progress"],
-                    return_full_results=True)
+    more = {"results_store": store} if store is not None else {}
+    return function(source, **kwargs, overwrite=values["overwrite"], progress=not values["no_progress"],
+                    return_full_results=True, **more)
 
 
 def _summary(stage: str, full: dict) -> dict[str, Any]:

@@ -35,6 +35,38 @@ def read_atlas(path: str) -> Any:
         raise UsageError(f"cannot read input {path} as {kind}: {detail}") from err
 
 
+def open_atlas(path: str) -> Any:
+    """obs, var, obsm and uns of the AnnData at ``path`` (no ``X``, no layers): enough to
+    check a run's names and plan it, for a run that reads the matrices lazily."""
+    import anndata
+    from anndata.io import read_elem
+
+    source = pathlib.Path(path)
+    if not source.exists():
+        raise UsageError(f"input {path} does not exist")
+    kind = "an AnnData-zarr directory" if source.is_dir() else "an .h5ad file"
+    try:
+        if source.is_dir():
+            import zarr
+
+            root = zarr.open_group(str(source), mode="r")
+            if root.attrs.get("encoding-type") != "anndata":
+                raise ValueError("no 'encoding-type: anndata' at its root")
+        else:
+            import h5py
+
+            root = h5py.File(source, "r")
+        try:
+            parts = {k: read_elem(root[k]) for k in ("obs", "var", "obsm", "uns") if k in root}
+        finally:
+            if not source.is_dir():
+                root.close()
+        return anndata.AnnData(**parts)
+    except Exception as err:  # noqa: BLE001 - whatever the reader says, the input is unusable
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise UsageError(f"cannot read input {path} as {kind}: {detail}") from err
+
+
 def table_paths(path: str, stages: tuple[str, ...]) -> dict[str, pathlib.Path]:
     """Where the result table of each analysis goes (``<stem>_da<ext>`` / ``<stem>_de<ext>``
     when a command runs both)."""
@@ -99,9 +131,15 @@ class Outputs:
             del self._pending[final]
 
     def discard(self) -> None:
-        """Remove what a failed run left under temporary names."""
+        """Remove what a failed run left under temporary names (and the staging stores of
+        results computed for them)."""
+        from ..io._protocol import read_marker
+
         for temp in self._pending.values():
             _remove(temp)
+            for staged in temp.parent.glob(f".{temp.name}.kompot-*"):
+                if read_marker(staged) is not None:
+                    _remove(staged)
         self._pending.clear()
 
 

@@ -7,9 +7,10 @@ from typing import Any
 import numpy as np
 
 from ..differential import DifferentialAbundance
-from ._common import landmarks_for, landmarks_info, prepare_adata, run_context, store_landmarks
+from ._common import landmarks_for, landmarks_info, run_context, store_landmarks
 from ._fields import DIRECTION_CATEGORIES, DIRECTION_COLORS, da_field_mapping, da_fields
 from ._history import check_overwrite, environment, now, record_run
+from ._target import open_target
 from .settings import DAThresholdSettings, GPSettings, OutputSettings, StorageSettings, as_params, settings_from
 
 __all__ = ["da"]
@@ -29,6 +30,7 @@ def da(
     storage: StorageSettings | None = None,
     output: OutputSettings | None = None,
     performance_report: str | None = None,
+    results_store: str | None = None,
     **kwargs: Any,
 ):
     """Differential abundance between two conditions of an AnnData, stored in ``adata.obs``.
@@ -39,8 +41,11 @@ def da(
 
     Parameters
     ----------
-    adata : anndata.AnnData
-        The atlas (in memory).
+    adata : anndata.AnnData, str or path-like
+        The atlas: in memory (results are assigned to it), or the path of an AnnData-zarr
+        (results are written into it) or ``.h5ad`` file (results go to
+        ``<stem>.kompot.zarr`` beside it), or a backed / ``read_lazy`` AnnData; only the
+        cell states and obs are read.
     groupby : str
         obs column with each cell's condition.
     condition1, condition2 : object
@@ -56,6 +61,9 @@ def da(
     performance_report : str, optional
         On a dask cluster, write dask's performance report (HTML) here; its path is kept in
         the run history.
+    results_store : str or path-like, optional
+        Write the results into this AnnData-zarr (created with the atlas's obs and var if
+        missing) instead of the default above.
     **kwargs
         Settings fields, or estimator keywords.
 
@@ -79,13 +87,16 @@ def da(
     out = settings["output"] or OutputSettings()
     rk = sto.result_key or KEY
     fields = da_fields(rk, condition1, condition2, sample_col is not None)
-    adata = prepare_adata(adata, out.copy)
+    target = open_target(adata, out.copy, results_store)
+    adata = target.adata
     from ..io.inputs import condition_inputs
 
-    inputs = condition_inputs(adata, groupby, condition1, condition2, obsm_key=obsm_key, sample_col=sample_col,
+    inputs = condition_inputs(adata if target.in_memory else target.source, groupby, condition1, condition2, obsm_key=obsm_key, sample_col=sample_col,
                               expression=False)
     colors_key = f"{fields['direction_key']}_colors"
-    check_overwrite(adata, KEY, {"obs": fields["all_patterns"]["obs"], "uns": [colors_key]}, sto.overwrite)
+    target.check_cells(inputs.obs_names)
+    check_overwrite(adata, KEY, {"obs": fields["all_patterns"]["obs"], "uns": [colors_key]}, sto.overwrite,
+                    target.present())
 
     landmarks = landmarks_for(adata, gps.landmarks, rk, KEY, ("kompot_de",), inputs.x_all.shape[1])
     model = DifferentialAbundance(
@@ -143,6 +154,7 @@ def da(
         "zscore_key": fields["zscore_key"],
     }
     record_run(adata, KEY, run_info, {"obs": fields["all_patterns"]["obs"], "uns": [KEY, colors_key]})
+    target.commit(None, {"obs": fields["all_patterns"]["obs"]}, [colors_key, rk, KEY])
 
     full = None
     if out.return_full_results:

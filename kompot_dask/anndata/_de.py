@@ -7,9 +7,10 @@ from typing import Any
 import numpy as np
 
 from ..differential import DifferentialExpression
-from ._common import landmarks_for, landmarks_info, prepare_adata, run_context, store_landmarks
+from ._common import landmarks_for, landmarks_info, run_context, store_landmarks
 from ._fields import de_field_mapping, de_fields
 from ._history import check_overwrite, environment, now, record_run
+from ._target import Target, open_target
 from .settings import FDRSettings, FilterSettings, GPSettings, OutputSettings, StorageSettings, as_params, \
     settings_from
 
@@ -35,6 +36,7 @@ def de(
     output: OutputSettings | None = None,
     dry_run: bool = False,
     performance_report: str | None = None,
+    results_store: str | None = None,
     **kwargs: Any,
 ):
     """Differential expression between two conditions of an AnnData, stored in var / layers / obs.
@@ -45,8 +47,12 @@ def de(
 
     Parameters
     ----------
-    adata : anndata.AnnData
-        The atlas (in memory).
+    adata : anndata.AnnData, str or path-like
+        The atlas: in memory (results are assigned to it), or too big for memory: the path
+        of an AnnData-zarr (results are written into it) or ``.h5ad`` file (results go to
+        ``<stem>.kompot.zarr`` beside it), or a backed / ``read_lazy`` AnnData. Out of
+        memory, cells x genes layers are computed into the store chunk by chunk (on the
+        active dask cluster, if any) and never held in memory.
     groupby : str
         obs column with each cell's condition.
     condition1, condition2 : object
@@ -67,6 +73,9 @@ def de(
     performance_report : str, optional
         On a dask cluster, write dask's performance report (HTML) here; its path is kept in
         the run history.
+    results_store : str or path-like, optional
+        Write the results into this AnnData-zarr (created with the atlas's obs and var if
+        missing) instead of the default above.
     **kwargs
         Settings fields, or estimator keywords.
 
@@ -92,19 +101,22 @@ def de(
         and not (np.ndim(null_genes) == 0 and int(null_genes) == 0)
     sv = sample_col is not None
     f = de_fields(rk, condition1, condition2, sv)
-    adata = prepare_adata(adata, out.copy)
+    target = open_target(adata, out.copy, results_store)
+    adata = target.adata
     from ..io.inputs import condition_inputs
 
-    inputs = condition_inputs(adata, groupby, condition1, condition2, obsm_key=obsm_key, layer=layer, genes=genes,
+    inputs = condition_inputs(adata if target.in_memory else target.source, groupby, condition1, condition2, obsm_key=obsm_key, layer=layer, genes=genes,
                               sample_col=sample_col)
     keep = _cell_filter(adata, fil.cell_filter)
     x1, y1, l1, x2, y2, l2 = _filtered(inputs, keep, fil.min_cells, condition1, condition2)
+    target.check_cells(inputs.obs_names)
     gene_cols = _gene_columns(adata, inputs.gene_names)
     if dry_run:
         return _plan(inputs, keep, gps)
 
     var_keys, layer_keys, obs_keys = _planned_fields(f, out, sto, fdr_on, sv)
-    check_overwrite(adata, KEY, {"var": var_keys, "layers": layer_keys, "obs": obs_keys}, sto.overwrite)
+    check_overwrite(adata, KEY, {"var": var_keys, "layers": layer_keys, "obs": obs_keys}, sto.overwrite,
+                    target.present())
 
     landmarks = landmarks_for(adata, gps.landmarks, rk, KEY, ("kompot_da",), inputs.x_all.shape[1])
     model = DifferentialExpression(
@@ -123,8 +135,9 @@ def de(
             info = landmarks_info(model.computed_landmarks, shape_as_string=True)
             store_landmarks(adata, (rk, KEY), model.computed_landmarks, info, sto.store_landmarks)
 
-        result = model.predict(inputs.x_all[keep], compute_mahalanobis=out.compute_mahalanobis)
-    written = _store(adata, f, result, keep, gene_cols, out, sto, fdr_on, sv)
+        staging = None if target.in_memory else target.staging(rk, "de")
+        result = _predict(model, inputs.x_all[keep], out.compute_mahalanobis, staging)
+    written = _store(target, f, result, keep, gene_cols, out, sto, fdr_on, sv)
     fdr_summary = _fdr_summary(result, fdrs.threshold) if fdr_on else None
     run_info = {
         "analysis_type": "de",
@@ -162,6 +175,7 @@ def de(
     # Kompot lists the posterior-covariance key as written even when it is not stored (kept).
     recorded = {**written, "obsp": [f["posterior_covariance_key"]] if not sv else [], "uns": [KEY]}
     record_run(adata, KEY, run_info, {k: v for k, v in recorded.items() if v})
+    target.commit(staging, written, [rk, KEY])
     full = None
     if out.return_full_results or out.return_null_data:
         full = _full_results(model, result, f, fdr_summary, inputs, fdr_on)
@@ -243,8 +257,23 @@ def _planned_fields(f, out, sto, fdr_on, sv):
     return var, layers, obs
 
 
-def _store(adata, f, result, keep, cols, out, sto, fdr_on, sv) -> dict[str, list[str]]:
-    """Write the results into ``adata`` (NaN / False for genes and cells not analysed)."""
+def _predict(model: DifferentialExpression, x: np.ndarray, mahalanobis: bool, staging: str | None) -> dict:
+    """The predictions: numpy arrays, or (with a staging store) per-gene arrays in memory
+    and the cells x genes ones as dask arrays on that store."""
+    if staging is None:
+        return model.predict(x, compute_mahalanobis=mahalanobis)
+    from ..options import get_options
+
+    options = get_options()  # block shape: the options if set, else the memory plan
+    ds = model.predict(x, compute_mahalanobis=mahalanobis, store=staging, overwrite=True,
+                       cell_chunk=options["cell_chunk_size"], gene_batch=options["gene_batch_size"])
+    return {name: (ds[name].values if ds[name].dims == ("gene",) else ds[name].data)
+            for name in ds.data_vars if not str(name).startswith("_")}
+
+
+def _store(target: Target, f, result, keep, cols, out, sto, fdr_on, sv) -> dict[str, list[str]]:
+    """Write the results into the target (NaN / False for genes and cells not analysed)."""
+    adata = target.adata
     var_keys, layer_keys, obs_keys = _planned_fields(f, out, sto, fdr_on, sv)
     per_gene = {
         f["mean_lfc_key"]: result["mean_log_fold_change"],
@@ -264,36 +293,22 @@ def _store(adata, f, result, keep, cols, out, sto, fdr_on, sv) -> dict[str, list
         column[cols] = values
         adata.var[key] = column
     per_cell_gene = {
-        f["smoothed_key_1"]: result["condition1_imputed"],
-        f["smoothed_key_2"]: result["condition2_imputed"],
-        f["fold_change_key"]: result["fold_change"],
-        f["fold_change_zscores_key"]: result["fold_change_zscores"],
-        f["std_key_1"]: result["condition1_std"],
-        f["std_key_2"]: result["condition2_std"],
+        f["smoothed_key_1"]: "condition1_imputed",
+        f["smoothed_key_2"]: "condition2_imputed",
+        f["fold_change_key"]: "fold_change",
+        f["fold_change_zscores_key"]: "fold_change_zscores",
+        f["std_key_1"]: "condition1_std",
+        f["std_key_2"]: "condition2_std",
     }
     all_genes = len(cols) == adata.n_vars and np.array_equal(cols, np.arange(adata.n_vars))
     for key in layer_keys:
-        adata.layers[key] = _layer(per_cell_gene[key], keep, cols, adata.shape, all_genes)
+        name = per_cell_gene[key]
+        target.put_layer(key, result[name] if target.in_memory else name, keep, cols, all_genes)
     for key in obs_keys:
         column = np.full(adata.n_obs, np.nan)
-        column[keep] = per_cell_gene[key][:, 0]
+        column[keep] = np.asarray(result[per_cell_gene[key]][:, 0])
         adata.obs[key] = column
     return {"var": var_keys, "layers": layer_keys, "obs": obs_keys}
-
-
-def _layer(values: np.ndarray, keep: np.ndarray, cols: np.ndarray, shape: tuple, all_genes: bool):
-    """A full-size layer: dense with NaN rows outside the filter, or CSR zeros around a gene subset."""
-    if all_genes:
-        if keep.all():
-            return np.asarray(values, dtype=np.float64)
-        out = np.full(shape, np.nan)
-        out[keep] = values
-        return out
-    import scipy.sparse
-
-    dense_rows = np.flatnonzero(keep)
-    rows = np.repeat(dense_rows, len(cols))
-    return scipy.sparse.csr_matrix((np.asarray(values).ravel(), (rows, np.tile(cols, len(dense_rows)))), shape=shape)
 
 
 def _fdr_summary(result: dict, threshold: float) -> dict:

@@ -75,17 +75,19 @@ def _fields_of(uns_entry: Any) -> dict:
     return json.loads(raw) if isinstance(raw, str) else {}
 
 
-def check_overwrite(adata: Any, key: str, fields: dict[str, list[str]], overwrite: bool | None) -> None:
+def check_overwrite(adata: Any, key: str, fields: dict[str, list[str]], overwrite: bool | None,
+                    present: dict[str, list[str]] | None = None) -> None:
     """Fields of an earlier run about to be replaced: warn (``None``), raise (``False``) or not (``True``).
 
-    ``fields`` maps a location (obs, var, layers, uns) to the names this run writes.
+    ``fields`` maps a location (obs, var, layers, uns) to the names this run writes;
+    ``present`` (default: read from ``adata``) to the names already there.
     """
     if overwrite is True:
         return
     existing = []
     for location, names in fields.items():
-        present = getattr(adata, location, {})
-        existing += [f"{location}[{name!r}]" for name in names if name in present]
+        there = present[location] if present is not None else getattr(adata, location, {})
+        existing += [f"{location}[{name!r}]" for name in names if name in there]
     if not existing:
         return
     msg = (f"{len(existing)} field(s) of an earlier {key} run would be replaced ({', '.join(existing[:3])}"
