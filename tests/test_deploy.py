@@ -4,16 +4,18 @@ The cluster tests start a real ``dask scheduler`` and ``dask worker`` processes 
 nannies) on loopback, run the installed ``kompot-dask`` entry point against them and
 compare every output field with an in-process run of the same command: to 1e-8 of each
 field's scale, not bit for bit (workers run single-threaded BLAS in other processes).
-The ``--scheduler-file`` run has its worker processes SIGKILLed mid-run, one after the other
-(each nanny starts a new one), and still gives the same results. A worker reporting another kompot_dask version (the
-``KOMPOT_DASK_FAKE_VERSION`` testing hook) makes the run fail with one line. Every process
-started here is gone afterwards (checked with psutil).
+Two ``--scheduler-file`` runs have worker processes SIGKILLed while they execute the run's
+tasks: one worker, then every worker in turn (each nanny starts a new one before the next
+kill); both still give the same results. A worker reporting another kompot_dask version
+(the ``KOMPOT_DASK_FAKE_VERSION`` testing hook) makes ``run`` and ``plan`` fail with one
+line; one that joins after the client connected leaves by itself with the same line.
+Every process started here is gone afterwards (checked with psutil).
 
-Small runs (50 landmarks, 20 null genes) on tests/data/anndata_input.h5ad: four
+Small runs (50 landmarks, 20 null genes) on tests/data/anndata_input.h5ad: six
 ``kompot-dask`` invocations in all. ``--sample-col`` is what puts work on the workers
-here: each sample's fit is a task (``kompot-fit-sample-*``); without it an atlas this
-small fits in one cell chunk and runs in the client process.
-"""
+here: each sample's fit is a task (``kompot-fit-sample-*``, six per analysis, tens of
+seconds of work in all); without it an atlas this small fits in one cell chunk and runs in
+the client process."""
 
 from __future__ import annotations
 
@@ -56,8 +58,8 @@ def _command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "kompot_dask.cli"]
 
 
-def _kompot(args, cwd, **popen):
-    return subprocess.run([*_command(), "run", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+def _kompot(args, cwd, command="run", **popen):
+    return subprocess.run([*_command(), command, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=TIMEOUT, **popen)
 
 
@@ -120,8 +122,11 @@ class Cluster:
                 pass
 
     def logs(self) -> str:
+        return self.logs_all()[-4000:]
+
+    def logs_all(self) -> str:
         self.log.flush()
-        return (self.where / "cluster.log").read_text()[-4000:]
+        return (self.where / "cluster.log").read_text()
 
     def stop(self) -> None:
         """Workers first, then the scheduler; SIGKILL what is left after 30 s; all gone."""
@@ -236,58 +241,168 @@ def test_run_on_scheduler_address_matches_in_process_run(cluster, atlas, referen
         client.close()
 
 
-# Addresses of the workers running tasks now (runs on the scheduler; a lambda travels by
-# value, this module is not importable there).
-_busy_workers = lambda dask_scheduler: [a for a, ws in dask_scheduler.workers.items() if ws.processing]  # noqa: E731
+# --------------------------------------------------------------------------- killed workers
+#
+# A worker is killed while it executes one of the run's tasks, which the run cannot finish
+# without: the test asks the worker (``client.run``, in its event loop) whether a
+# ``kompot-*`` task is executing and, if so, the worker SIGKILLs its own process there and
+# then. Its event loop is busy with that check, so the task cannot report its result in
+# between: the scheduler still has the task processing on that worker when it sees the
+# worker die, and says so in its ``remove-worker`` event. What proves each kill comes from
+# outside the engine: the worker's PID is gone, its nanny logged "killed by signal 9", the
+# scheduler logged the removal (unexpected, with run tasks processing) and a new worker
+# whose parent is the same nanny.
 
 
 def _worker_pids(client) -> dict[str, int]:
+    """Worker address -> PID of the worker process (not its nanny), as the scheduler has them."""
     return client.run_on_scheduler(lambda dask_scheduler: {a: ws.pid for a, ws in dask_scheduler.workers.items()})
 
 
-def _kill_workers_during(cluster, proc: subprocess.Popen, kills: int) -> list[int]:
-    """SIGKILL up to ``kills`` of the original worker processes (not their nannies), one at
-    a time while ``proc`` runs, each while it runs one of the run's tasks; wait for the
-    nanny's replacement between kills."""
-    client = cluster.client(2)
-    killed: list[int] = []
+def _worker_events(client) -> list[dict]:
+    """The scheduler's add-worker and remove-worker events, with the keys processing on a
+    removed worker (``client.get_events`` cannot send the sets in them)."""
+    def events(dask_scheduler):
+        return [{"action": msg["action"], "worker": msg["worker"], "expected": msg.get("expected"),
+                 "processing": sorted(map(str, msg.get("processing-tasks", ())))}
+                for _, msg in dask_scheduler.get_events("all")
+                if isinstance(msg, dict) and msg.get("action") in ("add-worker", "remove-worker")]
+
+    return client.run_on_scheduler(events)
+
+
+def _kill_if_busy():
+    """For ``client.run`` on one worker: SIGKILL the worker process if it executes a run task
+    now, else return False. Nested, so that it travels by value (the workers cannot import
+    this module)."""
+
+    def kill_if_busy(dask_worker):
+        import os
+        import signal
+
+        if any(str(ts.key).startswith("kompot-") for ts in dask_worker.state.executing):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return False
+
+    return kill_if_busy
+
+
+def _gone(pid: int) -> bool:
     try:
-        originals = _worker_pids(client)  # address -> pid of the worker process
-        while proc.poll() is None and len(killed) < kills:
-            busy = [a for a in client.run_on_scheduler(_busy_workers) if a in originals and originals[a] not in killed]
-            if not busy:
-                time.sleep(0.05)
-                continue
-            time.sleep(0.3)  # in the middle of a task
-            victim = originals[busy[0]]
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _parent(pid: int) -> int | None:
+    """The parent PID of a live process (None once it is gone)."""
+    try:
+        return None if _gone(pid) else psutil.Process(pid).ppid()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _kill_when_busy(client, proc: subprocess.Popen, candidates: dict[str, int]) -> tuple[str, int]:
+    """Wait until one of ``candidates`` (address -> PID) executes a run task, and kill it
+    then; its address and PID. Fails if the run ends first."""
+    kill = _kill_if_busy()
+    while True:
+        assert proc.poll() is None, (f"the run ended before one of {sorted(candidates)} ran one of its tasks: "
+                                     "no worker was killed mid-run")
+        for address, pid in candidates.items():
+            try:
+                client.run(kill, workers=[address])
+            except Exception:  # noqa: BLE001 - the worker died while answering
+                deadline = time.monotonic() + 60
+                while not _gone(pid):
+                    assert time.monotonic() < deadline, f"worker {address} failed to answer but PID {pid} lives"
+                    time.sleep(0.1)
+                return address, pid
+        time.sleep(0.05)
+
+
+def _wait_for_replacement(cluster, client, nanny: int, n_workers: int) -> str:
+    """Wait until the scheduler has ``n_workers`` again, one of them a new process of
+    ``nanny``; that worker's address."""
+    deadline = time.monotonic() + 120
+    while True:
+        pids = _worker_pids(client)
+        children = [a for a, pid in pids.items() if _parent(pid) == nanny]
+        if len(pids) == n_workers and children:
             cluster.remember_tree()
-            deadline = time.monotonic() + 90
-            while victim in _worker_pids(client).values() or len(_worker_pids(client)) < 2:
-                assert time.monotonic() < deadline, cluster.logs()
-                time.sleep(0.1)  # the nanny's new worker
-            cluster.remember_tree()
-    finally:
-        client.close()
+            return children[0]
+        assert time.monotonic() < deadline, cluster.logs()
+        time.sleep(0.1)
+
+
+def _kill_in_turn(cluster, client, proc: subprocess.Popen, kills: int) -> list[dict]:
+    """SIGKILL ``kills`` of the workers there are now, one at a time, each while it runs a
+    task of ``proc``'s run, waiting for its nanny's new worker before the next."""
+    originals = _worker_pids(client)
+    nannies = {a: _parent(pid) for a, pid in originals.items()}
+    assert set(nannies.values()) <= {p.pid for p in cluster.procs}, "each worker is a child of a nanny started here"
+    killed, started = [], time.monotonic()
+    while len(killed) < kills:
+        left = {a: pid for a, pid in originals.items() if a not in {k["address"] for k in killed}}
+        address, pid = _kill_when_busy(client, proc, left)
+        at = time.monotonic() - started
+        cluster.remember_tree()
+        replacement = _wait_for_replacement(cluster, client, nannies[address], len(originals))
+        killed.append({"address": address, "pid": pid, "nanny": nannies[address], "replacement": replacement})
+        print(f"worker {pid} killed {at:.1f} s into the run, replaced after {time.monotonic() - started - at:.1f} s")
     return killed
 
 
-def test_run_survives_a_killed_worker_via_scheduler_file(cluster, atlas, reference, tmp_path):
-    proc = subprocess.Popen([*_command(), "run", str(atlas), *RUN, "--scheduler-file", str(cluster.scheduler_file),
-                             "-o", "out.zarr"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _check_kills(cluster, client, killed: list[dict], before: dict[str, int]) -> dict[str, int]:
+    """Each kill as the operating system, the nanny and the scheduler saw it; the workers now."""
+    log = cluster.logs_all()
+    events = _worker_events(client)
+    removed = {e["worker"]: e for e in events if e.get("action") == "remove-worker"}
+    added = {e["worker"] for e in events if e.get("action") == "add-worker"}
+    after = _worker_pids(client)
+    for kill in killed:
+        assert _gone(kill["pid"]) and f"Worker process {kill['pid']} was killed by signal 9" in log
+        event = removed[kill["address"]]
+        assert event["expected"] is False
+        assert any(key.startswith("kompot-") for key in event["processing"]), event  # mid-run
+        new = kill["replacement"]
+        assert new in added and new not in before and after[new] not in before.values()
+        assert _parent(after[new]) == kill["nanny"]  # the same nanny started it
+    return after
+
+
+def _run_on_scheduler_file(cluster, atlas, where) -> subprocess.Popen:
+    """The run in the background, its output in files (nobody reads a pipe meanwhile)."""
+    with open(where / "stdout", "w") as stdout, open(where / "stderr", "w") as stderr:
+        return subprocess.Popen([*_command(), "run", str(atlas), *RUN, "--scheduler-file",
+                                 str(cluster.scheduler_file), "-o", "out.zarr"], cwd=where, stdout=stdout, stderr=stderr)
+
+
+@pytest.mark.parametrize("every", [False, True], ids=["one-worker-killed", "every-worker-killed-in-turn"])
+def test_run_survives_killed_workers_via_scheduler_file(cluster, atlas, reference, tmp_path, every):
+    client = cluster.client(2)
     try:
-        killed = _kill_workers_during(cluster, proc, kills=2)
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        before = _worker_pids(client)
+        proc = _run_on_scheduler_file(cluster, atlas, tmp_path)
+        try:
+            killed = _kill_in_turn(cluster, client, proc, kills=len(before) if every else 1)
+            proc.wait(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        after = _check_kills(cluster, client, killed, before)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert killed, "the run ended before a worker could be killed"
-    print(f"worker processes killed mid-run: {len(killed)}")
+        client.close()
+    assert len({k["pid"] for k in killed}) == len(killed) == (2 if every else 1)
+    if every:  # every original worker died; all workers now are new processes
+        assert not set(after) & set(before) and not set(after.values()) & set(before.values())
+    else:  # exactly one died: the other is the same process as before
+        (survivor,) = set(before) - {killed[0]["address"]}
+        assert set(after) == {survivor, killed[0]["replacement"]} and after[survivor] == before[survivor]
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
     assert proc.returncode == 0, stderr[-3000:]
-    summary = json.loads(stdout)
-    assert summary["scheduler"] == cluster.address
+    assert json.loads(stdout)["scheduler"] == cluster.address
     _same_results(anndata.read_zarr(tmp_path / "out.zarr"), reference)
 
 
@@ -320,15 +435,83 @@ def test_worker_of_another_version_is_refused(atlas, tmp_path):
             get_client(address)
         assert not any(isinstance(c, Client) and c.status == "running" for c in _clients())
 
-        proc = _kompot([atlas, *RUN, "--scheduler", address, "-o", "out.zarr"], tmp_path)
-        assert proc.returncode == 1, proc.stderr[-3000:]
-        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-        assert len(errors) == 1, proc.stderr
-        assert errors[0].startswith("kompot-dask: error: kompot_dask workers differ from this client: ")
-        assert f"0.0.0-fake on {worker}" in errors[0]
-        assert proc.stdout == "" and not (tmp_path / "out.zarr").exists()
+        for command, args in (("run", ["-o", "out.zarr"]), ("plan", [])):
+            proc = _kompot([atlas, *RUN, "--scheduler", address, *args], tmp_path, command=command)
+            assert proc.returncode == 1, proc.stderr[-3000:]
+            _one_error_line(proc.stderr, worker)
+            assert proc.stdout == "" and not (tmp_path / "out.zarr").exists()
     finally:
         cluster.stop()
+
+
+def _one_error_line(stderr: str, worker: str) -> None:
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, stderr
+    assert errors[0].startswith("kompot-dask: error: kompot_dask workers differ from this client: ")
+    assert f"0.0.0-fake on {worker}" in errors[0]
+
+
+# Where a task ran (by value: the workers cannot import this module).
+_where = lambda i: (time.sleep(0.05), __import__("distributed").get_worker().address)[1]  # noqa: E731
+
+
+def test_worker_joining_later_with_another_version_is_refused(tmp_path, caplog):
+    """A worker of another version that joins after the client connected (and passed the
+    check) leaves by itself with the same one line, nanny and all, before running a task."""
+    from kompot_dask import __version__
+    from kompot_dask.execution import prepare_client
+    from kompot_dask.execution.versions import VERSION_TOPIC
+
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_scheduler()
+        cluster.start_worker()
+        client = cluster.client(1)
+        try:
+            prepare_client(client)  # what `kompot-dask run` does: the check passes, one good worker
+            (good,) = client.scheduler_info()["workers"]
+            tasks = client.map(_where, range(5000), pure=False)  # a queue of work while the others join
+            fake = {"KOMPOT_DASK_FAKE_VERSION": "0.0.0-fake"}
+            late = [cluster.start_worker(env=fake), cluster.start_worker(nanny=False, env=fake)]
+            for proc in late:  # they leave by themselves; a nanny does not start its worker again
+                proc.wait(120)
+            cluster.remember_tree()
+            events = _worker_events(client)
+            joined = {e["worker"] for e in events if e["action"] == "add-worker"} - {good}
+            assert len(joined) == 2  # both were in the cluster for a moment and were sent tasks (queued
+            # work goes to a new worker at once), which went back when they left cleanly (retired):
+            left = [e for e in events if e["action"] == "remove-worker" and e["worker"] in joined]
+            assert len(left) == 2 and all(e["expected"] and e["processing"] for e in left), left
+            refusals = _refusals(client, VERSION_TOPIC)
+            assert sorted(refusals) == sorted(joined)
+            for address, message in refusals.items():
+                assert "\n" not in message and message.startswith("kompot_dask workers differ from this client: ")
+                assert message.count(" here, ") == 1 and "install the same versions everywhere" in message
+                assert f"kompot_dask {__version__} here, 0.0.0-fake on {address}" in message
+                assert message in cluster.logs_all()  # the worker's own log
+            assert list(client.scheduler_info()["workers"]) == [good]
+            done = [t for t in tasks if t.done()]
+            assert 0 < len(done) < len(tasks)  # work was waiting while they were in the cluster
+            assert set(client.gather(done)) == {good}  # and none of it ran on them
+            client.cancel(tasks)
+            deadline = time.monotonic() + 30
+            while len(_logged(caplog)) < 2:  # and this client said so (an error log)
+                assert time.monotonic() < deadline, caplog.text
+                time.sleep(0.1)
+            assert sorted(_logged(caplog)) == sorted(refusals.values())
+        finally:
+            client.close()
+    finally:
+        cluster.stop()
+
+
+def _refusals(client, topic: str) -> dict[str, str]:
+    return {msg["worker"]: msg["message"] for _, msg in client.get_events(topic)}
+
+
+def _logged(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "kompot_dask.execution.cluster" and r.levelname == "ERROR"]
 
 
 def _clients():

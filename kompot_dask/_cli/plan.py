@@ -14,6 +14,7 @@ from typing import Any
 
 from ..anndata.settings import GPSettings
 from ..execution.plan import memory_target, plan_blocks
+from ..execution.versions import check_versions
 
 MAX_AUTO_LANDMARKS = 5000  # DA without GP settings: full GP up to this many cells, else this many landmarks
 _GP_FIELDS = {f.name for f in dataclasses.fields(GPSettings)}
@@ -45,10 +46,12 @@ class _PlannedWorkers:
 def memory_budget(values: dict[str, Any], client: Any = None) -> dict[str, Any]:
     """Memory of where the run would go: this process, a local cluster of ``--n-workers`` /
     ``--memory-limit`` (not started: sized as ``get_client`` would start it), or the
-    workers of the connected ``client``."""
+    workers of the connected ``client`` (which must run this process's versions:
+    :func:`~kompot_dask.execution.check_versions`, RuntimeError with one line if not)."""
     machine = machine_memory()
     budget: dict[str, Any] = {"machine_bytes": machine}
     if client is not None:
+        check_versions(client)
         workers = client.scheduler_info()["workers"]
         limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
         budget.update(where="cluster", scheduler=client.scheduler.address, n_workers=len(limits),

@@ -3,21 +3,28 @@
 :func:`get_client` is the one explicit entry point: the active ``distributed.Client`` if
 there is one, a scheduler address if given, otherwise a ``LocalCluster`` sized to the
 machine (only because the caller asked for a client); it checks the workers' versions
-and registers :class:`JaxWorkerSetup` (:func:`~kompot_dask.execution.prepare_client`).
+(now, and through a worker plugin on workers that join later) and registers
+:class:`JaxWorkerSetup` (:func:`~kompot_dask.execution.prepare_client`).
 :func:`active_client` only looks. :func:`dask_setup` is the same JAX set-up as a worker
 preload (``dask worker --preload kompot_dask.execution.cluster``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
-from .versions import check_versions
+from .versions import VERSION_TOPIC, VersionGuard, check_versions, local_versions
 
 __all__ = ["JaxWorkerSetup", "active_client", "dask_setup", "get_client", "prepare_client"]
 
 PLUGIN_NAME = "kompot-dask-jax-setup"
+GUARD_NAME = "kompot-dask-version-guard"
+REFUSED = "kompot-dask-versions-differ"  # the reason a refused worker closes with
+
+log = logging.getLogger(__name__)
 
 
 class JaxWorkerSetup:
@@ -181,13 +188,68 @@ def _as_plugin(setup: JaxWorkerSetup):
     return _Plugin(setup.xla_threads)
 
 
-def prepare_client(client: Any, *, xla_threads: int | None = 1, check: bool = True) -> Any:
-    """Make a connected client ready for kompot_dask: version check, then worker plugin.
+def _as_guard(guard: VersionGuard):
+    """Wrap the version guard as a real ``WorkerPlugin`` (distributed imported only here)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
 
-    Runs :func:`check_versions`, then registers
+    class _Guard(WorkerPlugin):
+        name = GUARD_NAME
+
+        def __init__(self, guard):
+            self.guard = guard
+
+        def setup(self, worker):
+            message = self.guard.refusal(worker.address)
+            if message is not None:
+                _refuse(worker, message)
+
+    return _Guard(guard)
+
+
+def _refuse(worker: Any, message: str) -> None:
+    """Make a worker of other versions leave: the one line in its log and as a scheduler
+    event (:data:`~kompot_dask.execution.versions.VERSION_TOPIC`), then no task starts
+    here and the worker leaves (:func:`_leave`).
+
+    Runs in the plugin's ``setup``, before the worker handles any message from the
+    scheduler (which may already have sent it tasks). Closing gracefully stops task
+    execution at once and tells the scheduler to send no more; leaving is scheduled, not
+    awaited: the nanny answers only once this worker has started.
+    """
+    from distributed.core import Status
+
+    log.error(message)
+    worker.log_event(VERSION_TOPIC, {"worker": worker.address, "message": message})
+    worker.status = Status.closing_gracefully
+    worker.loop.add_callback(_leave, worker)
+
+
+async def _leave(worker: Any) -> None:
+    """Retire from the scheduler (tasks sent here go elsewhere, not counted as failures, as
+    a killed worker's are), then close the worker and its nanny (which would otherwise
+    start it again)."""
+    await worker.scheduler.retire_workers(workers=[worker.address], close_workers=False, remove=True,
+                                          stimulus_id=f"{REFUSED}-{time.time()}")
+    await worker.close(nanny=True, reason=REFUSED)
+
+
+def _report_refusal(event: tuple) -> None:
+    """Client side: log a refused worker's one line (``subscribe_topic`` handler)."""
+    _, message = event
+    log.error("%s", message["message"])
+
+
+def prepare_client(client: Any, *, xla_threads: int | None = 1, check: bool = True) -> Any:
+    """Make a connected client ready for kompot_dask: version check, then worker plugins.
+
+    Runs :func:`check_versions`, then registers a version guard (a worker that joins
+    later with other versions, e.g. a restarted one, logs the same one-line message,
+    reported here as an error log, and closes with its nanny: it gets no work) and
     :class:`~kompot_dask.execution.cluster.JaxWorkerSetup` (float64 JAX, XLA threads
     bounded; workers that join or restart later get it too). :func:`~kompot_dask.execution.get_client` and the
-    ``kompot-dask`` command call this; call it yourself on a ``Client`` you made.
+    ``kompot-dask`` command call this; call it yourself on a ``Client`` you made. Both
+    plugins stay on the cluster after this client leaves, until the next client's call
+    replaces them (with its own versions).
 
     Parameters
     ----------
@@ -196,7 +258,7 @@ def prepare_client(client: Any, *, xla_threads: int | None = 1, check: bool = Tr
     xla_threads : int or None, default 1
         XLA CPU threads per worker process (None: leave XLA's default).
     check : bool, default True
-        Run :func:`check_versions`.
+        Run :func:`check_versions` and register the guard for later workers.
 
     Returns
     -------
@@ -208,7 +270,9 @@ def prepare_client(client: Any, *, xla_threads: int | None = 1, check: bool = Tr
     RuntimeError
         From :func:`check_versions`.
     """
-    if check:  # first: a worker of another release may fail to unpickle the plugin
+    if check:  # first: a worker of another release may fail to unpickle the plugins
         check_versions(client)
+        client.subscribe_topic(VERSION_TOPIC, _report_refusal)
+        client.register_plugin(_as_guard(VersionGuard(local_versions())), name=GUARD_NAME)
     client.register_plugin(_as_plugin(JaxWorkerSetup(xla_threads)), name=PLUGIN_NAME)
     return client
