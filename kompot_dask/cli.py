@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -88,8 +89,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
         return 1
     except Exception as err:  # noqa: BLE001 - every failure becomes one line and an exit code
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = _in_flags(" ".join(str(err).split()) or type(err).__name__)
         return _fail(message, 2 if isinstance(err, USAGE_ERRORS) else 1, verbose)
+
+
+def _flags() -> set[str]:
+    """Every option string of every subcommand."""
+    from . import __version__
+    from ._cli.options import build_parser
+
+    parser = build_parser(__version__)
+    flags = set(parser._option_string_actions)
+    for action in parser._actions:
+        for sub in (getattr(action, "choices", None) or {}).values():
+            flags |= set(getattr(sub, "_option_string_actions", {}))
+    return flags
+
+
+def _in_flags(message: str) -> str:
+    """The library names keywords (```groupby=```, ```overwrite=True```); say the flags instead."""
+    if "=`" not in message:
+        return message
+    try:
+        flags = _flags()
+    except Exception:  # noqa: BLE001 - never let the rewording hide the error
+        return message
+
+    def flag(match: re.Match) -> str:
+        name, value = "--" + match.group(1).replace("_", "-"), match.group(2)
+        if name not in flags:
+            return match.group(0)
+        return name if value in ("", "True") else f"{name} {value}"
+
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)=([^`]*)`", flag, message)
 
 
 def _fail(message: str, code: int, verbose: bool) -> int:

@@ -146,7 +146,8 @@ def test_bad_invocations_fail_in_one_line_and_leave_the_output(tmp_path):
     replace = ["-o", existing, "--overwrite"]  # replacing is allowed: the failure alone must keep it
     cases = {
         "missing column": (["da", INPUT, "--groupby", "nope", "--condition1", C1, "--condition2", C2, *replace],
-                           "obs column 'nope' not found"),
+                           "obs column 'nope' not found; available: ['condition', 'sample']. Pass one of them as "
+                           "--groupby."),
         "unknown condition": (["de", INPUT, "--groupby", "condition", "--condition1", C1, "--condition2", "zzz",
                                *replace], "condition2='zzz' is not a value"),
         "obsm key absent": (["run", INPUT, *COMPARE, "--obsm-key", "X_umap", *replace], "obsm key 'X_umap'"),

@@ -142,7 +142,7 @@ def _cluster(values: dict[str, Any], connect_only: bool = False) -> Iterator[Any
     """The ``distributed.Client`` asked for (closed afterwards), or None to run in-process.
 
     ``connect_only`` (planning): connect to a given scheduler without setting up its
-    workers, and start no local cluster. Otherwise the workers are checked to run the same
+    workers (the plan checks their versions), and start no local cluster. Otherwise the workers are checked to run the same
     versions as this process and get the JAX plugin (``prepare_client``; RuntimeError,
     exit 1, if they differ).
     """
