@@ -9,6 +9,7 @@ import numpy as np
 from ..differential import DifferentialExpression
 from ._common import landmarks_for, landmarks_info, run_context, store_landmarks
 from ._fields import de_field_mapping, de_fields
+from ._groups import group_results, groups_summary, parse_groups
 from ._history import check_overwrite, environment, now, record_run
 from ._target import Target, open_target
 from .settings import FDRSettings, FilterSettings, GPSettings, OutputSettings, StorageSettings, as_params, \
@@ -108,6 +109,9 @@ def de(
     inputs = condition_inputs(adata if target.in_memory else target.source, groupby, condition1, condition2, obsm_key=obsm_key, layer=layer, genes=genes,
                               sample_col=sample_col)
     keep = _cell_filter(adata, fil.cell_filter)
+    groups = parse_groups(adata, fil.groups, keep, fil.min_cells) if fil.groups is not None else {}
+    if groups and not out.compute_mahalanobis:
+        raise ValueError("`groups` gives per-group Mahalanobis distances; it needs compute_mahalanobis=True")
     x1, y1, l1, x2, y2, l2 = _filtered(inputs, keep, fil.min_cells, condition1, condition2)
     target.check_cells(inputs.obs_names)
     gene_cols = _gene_columns(adata, inputs.gene_names)
@@ -115,8 +119,9 @@ def de(
         return _plan(inputs, keep, gps)
 
     var_keys, layer_keys, obs_keys = _planned_fields(f, out, sto, fdr_on, sv)
-    check_overwrite(adata, KEY, {"var": var_keys, "layers": layer_keys, "obs": obs_keys}, sto.overwrite,
-                    target.present())
+    varm_keys = list(_varm_keys(f, fdr_on).values()) if groups else []
+    check_overwrite(adata, KEY, {"var": var_keys, "layers": layer_keys, "obs": obs_keys, "varm": varm_keys},
+                    sto.overwrite, target.present())
 
     landmarks = landmarks_for(adata, gps.landmarks, rk, KEY, ("kompot_da",), inputs.x_all.shape[1])
     model = DifferentialExpression(
@@ -137,7 +142,11 @@ def de(
 
         staging = None if target.in_memory else target.staging(rk, "de")
         result = _predict(model, inputs.x_all[keep], out.compute_mahalanobis, staging)
+        per_group = group_results(model, inputs.x_all[keep], result["fold_change"], groups, keep,
+                                  gps.random_state, fdr_on) if groups else None
     written = _store(target, f, result, keep, gene_cols, out, sto, fdr_on, sv)
+    if per_group is not None:
+        written["varm"] = _store_groups(adata, per_group, _varm_keys(f, fdr_on), gene_cols)
     fdr_summary = _fdr_summary(result, fdrs.threshold) if fdr_on else None
     run_info = {
         "analysis_type": "de",
@@ -152,7 +161,8 @@ def de(
                                           fdrs.threshold),
         "field_names": f,
         "function": "compute_differential_expression",
-        "has_groups": False,
+        "has_groups": bool(groups),
+        **({"groups_summary": groups_summary(groups, inputs, adata.n_obs)} if groups else {}),
         "lfc_key": f["mean_lfc_key"],
         "mahalanobis_key": f["mahalanobis_key"],
         "memory_analysis": None,
@@ -185,6 +195,29 @@ def de(
 
 
 # ------------------------------------------------------------------------------ pieces
+def _varm_keys(f: dict, fdr_on: bool) -> dict[str, str]:
+    """varm DataFrame of each per-group quantity (SPEC §7.2)."""
+    keys = {"mean_lfc": f["mean_lfc_varm_key"], "mahalanobis": f["mahalanobis_varm_key"],
+            "neg_log10_ptp": f"{f['ptp_key']}_groups"}
+    if fdr_on:
+        keys.update(local_fdr=f"{f['mahalanobis_local_fdr_key']}_groups", is_de=f"{f['is_de_key']}_groups")
+    return keys
+
+
+def _store_groups(adata: Any, per_group: dict, keys: dict[str, str], cols: np.ndarray) -> list[str]:
+    """genes x groups DataFrames in varm (NaN / False for genes not analysed)."""
+    import pandas as pd
+
+    for quantity, key in keys.items():
+        frame = {}
+        for name, values in per_group[quantity].items():
+            column = np.zeros(adata.n_vars, dtype=bool) if quantity == "is_de" else np.full(adata.n_vars, np.nan)
+            column[cols] = values
+            frame[name] = column
+        adata.varm[key] = pd.DataFrame(frame, index=adata.var_names)
+    return list(keys.values())
+
+
 def _cell_filter(adata: Any, spec: Any) -> np.ndarray:
     """Boolean mask over all cells (SPEC §7.4 step 5)."""
     n = adata.n_obs

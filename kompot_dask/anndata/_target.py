@@ -51,14 +51,15 @@ class Target:
         """Names already at the destination, per element (for the overwrite check)."""
         names = {"obs": list(self.adata.obs.columns), "var": list(self.adata.var.columns),
                  "uns": list(self.adata.uns.keys())}
-        if self.in_memory:
-            names["layers"] = list(self.adata.layers.keys())
-        elif self.exists:
-            from ..io.anndata_zarr import AnnDataZarr
+        for element in ("layers", "varm"):
+            if self.in_memory:
+                names[element] = list(getattr(self.adata, element).keys())
+            elif self.exists:
+                from ..io.anndata_zarr import AnnDataZarr
 
-            names["layers"] = AnnDataZarr(self.path).names("layers")
-        else:
-            names["layers"] = []
+                names[element] = AnnDataZarr(self.path).names(element)
+            else:
+                names[element] = []
         return names
 
     def staging(self, result_key: str, kind: str) -> str:
@@ -86,9 +87,9 @@ class Target:
             self._layers[key] = (values, keep, cols, all_genes)
 
     def commit(self, staging: str | None, columns: dict[str, list[str]], uns_keys: list[str]) -> None:
-        """Store mode: write the queued layers, the obs/var ``columns`` this run wrote, then
-        ``uns_keys`` (the run history among them), rewrite consolidated metadata and remove
-        the staging store."""
+        """Store mode: write the queued layers, the obs/var ``columns`` and varm entries this
+        run wrote, then ``uns_keys`` (the run history among them), rewrite consolidated
+        metadata and remove the staging store."""
         if self.in_memory:
             return
         from ..io.anndata_zarr import AnnDataZarr
@@ -104,7 +105,8 @@ class Target:
         for element in ("obs", "var"):
             frame = getattr(self.adata, element)
             store.write_columns(element, frame, [c for c in columns.get(element, []) if c in frame.columns])
-        store.write_uns(self.adata.uns, uns_keys)
+        store.write_entries("varm", self.adata.varm, columns.get("varm", []))
+        store.write_entries("uns", self.adata.uns, uns_keys)
         store.finish()
         if staging is not None:
             remove_staging(staging)

@@ -115,8 +115,9 @@ class FilterSettings:
 
     def __post_init__(self) -> None:
         _count(self.min_cells, "min_cells", 1, allow_none=False)
-        if self.groups is not None:
-            raise NotImplementedError("per-group results (`groups`) are not supported yet")
+        if self.groups is not None and not isinstance(self.groups, (str, dict, list, tuple, np.ndarray)):
+            raise TypeError(f"`groups` must be an obs column, a dict {{name: mask}} or a mask; got "
+                            f"{type(self.groups).__name__}")
 
 
 @dataclass

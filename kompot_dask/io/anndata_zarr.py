@@ -169,14 +169,15 @@ class AnnDataZarr:
         order = list(group.attrs.get("column-order", []))
         group.attrs["column-order"] = order + [n for n in names if n not in order]
 
-    def write_uns(self, uns: dict, keys: Iterable[str]) -> None:
-        """Write the entries ``keys`` of ``uns`` that exist (each replaces only itself)."""
+    def write_entries(self, element: str, values: Any, keys: Iterable[str]) -> None:
+        """Write the entries ``keys`` of the mapping ``values`` that exist into ``element``
+        (``uns``, ``varm``...); each replaces only itself."""
         from anndata.io import write_elem
 
         root = self._root("r+")
-        group = self._mapping(root, "uns")
-        for key in dict.fromkeys(k for k in keys if k in uns):
-            write_elem(group, key, uns[key], **self._kwargs())
+        group = self._mapping(root, element)
+        for key in dict.fromkeys(k for k in keys if k in values):
+            write_elem(group, key, values[key], **self._kwargs())
 
     def move_layer(self, key: str, array_path: str) -> None:
         """Move the zarr (format 3) array at ``array_path``, shaped like ``X``, to ``layers/key``."""
