@@ -19,6 +19,7 @@ __all__ = ["de"]
 
 KEY = "kompot_de"
 AUTO_NULL_GENES = 2000
+MAX_COVARIANCE_CELLS = 20_000  # store_posterior_covariance: at most a 3 GiB obsp matrix
 
 
 def de(
@@ -98,8 +99,10 @@ def de(
     null_genes = fdrs.null_genes
     if isinstance(null_genes, str):
         null_genes = 0 if sample_col is not None else AUTO_NULL_GENES
-    fdr_on = out.compute_mahalanobis and null_genes is not None and np.size(null_genes) > 0 \
+    internal_on = out.compute_mahalanobis and null_genes is not None and np.size(null_genes) > 0 \
         and not (np.ndim(null_genes) == 0 and int(null_genes) == 0)
+    external = fdrs.null_mahalanobis if out.compute_mahalanobis else None
+    fdr_on = internal_on or external is not None
     sv = sample_col is not None
     f = de_fields(rk, condition1, condition2, sv)
     target = open_target(adata, out.copy, results_store)
@@ -112,6 +115,9 @@ def de(
     groups = parse_groups(adata, fil.groups, keep, fil.min_cells) if fil.groups is not None else {}
     if groups and not out.compute_mahalanobis:
         raise ValueError("`groups` gives per-group Mahalanobis distances; it needs compute_mahalanobis=True")
+    covariance = sto.store_posterior_covariance and not sv  # Kompot stores it without sample_col only
+    if covariance:
+        _check_covariance(target, int(keep.sum()))
     x1, y1, l1, x2, y2, l2 = _filtered(inputs, keep, fil.min_cells, condition1, condition2)
     target.check_cells(inputs.obs_names)
     gene_cols = _gene_columns(adata, inputs.gene_names)
@@ -120,8 +126,9 @@ def de(
 
     var_keys, layer_keys, obs_keys = _planned_fields(f, out, sto, fdr_on, sv)
     varm_keys = list(_varm_keys(f, fdr_on).values()) if groups else []
-    check_overwrite(adata, KEY, {"var": var_keys, "layers": layer_keys, "obs": obs_keys, "varm": varm_keys},
-                    sto.overwrite, target.present())
+    obsp_keys = [f["posterior_covariance_key"]] if covariance else []
+    check_overwrite(adata, KEY, {"var": var_keys, "layers": layer_keys, "obs": obs_keys, "varm": varm_keys,
+                                 "obsp": obsp_keys}, sto.overwrite, target.present())
 
     landmarks = landmarks_for(adata, gps.landmarks, rk, KEY, ("kompot_da",), inputs.x_all.shape[1])
     model = DifferentialExpression(
@@ -129,7 +136,7 @@ def de(
         random_state=gps.random_state, batch_size=gps.batch_size or 100,
         store_arrays_on_disk=sto.store_arrays_on_disk, disk_storage_dir=sto.disk_storage_dir,
         max_memory_ratio=sto.max_memory_ratio, use_empirical_variance=gps.use_empirical_variance,
-        null_genes=null_genes if fdr_on else None, null_seed=fdrs.null_seed, fdr_threshold=fdrs.threshold,
+        null_genes=null_genes if internal_on else None, null_seed=fdrs.null_seed, fdr_threshold=fdrs.threshold,
         gene_names=None if inputs.gene_names is None else [str(g) for g in inputs.gene_names],
     )
     with run_context(out.progress, performance_report) as execution:
@@ -142,11 +149,21 @@ def de(
 
         staging = None if target.in_memory else target.staging(rk, "de")
         result = _predict(model, inputs.x_all[keep], out.compute_mahalanobis, staging)
+        if external is not None:
+            _external_fdr(model, result, external, fdrs)
         per_group = group_results(model, inputs.x_all[keep], result["fold_change"], groups, keep,
-                                  gps.random_state, fdr_on) if groups else None
+                                  gps.random_state, fdr_on, external, fdrs.combine_with_internal) if groups else None
+        if covariance:
+            x_kept = inputs.x_all[keep]
+            posterior = model.function_predictor1.covariance(x_kept, diag=False) \
+                + model.function_predictor2.covariance(x_kept, diag=False)
     written = _store(target, f, result, keep, gene_cols, out, sto, fdr_on, sv)
     if per_group is not None:
         written["varm"] = _store_groups(adata, per_group, _varm_keys(f, fdr_on), gene_cols)
+    if covariance:
+        full_cov = np.zeros((adata.n_obs, adata.n_obs))
+        full_cov[np.ix_(keep, keep)] = posterior
+        adata.obsp[f["posterior_covariance_key"]] = full_cov
     fdr_summary = _fdr_summary(result, fdrs.threshold) if fdr_on else None
     run_info = {
         "analysis_type": "de",
@@ -188,7 +205,7 @@ def de(
     target.commit(staging, written, [rk, KEY])
     full = None
     if out.return_full_results or out.return_null_data:
-        full = _full_results(model, result, f, fdr_summary, inputs, fdr_on)
+        full = _full_results(model, result, f, fdr_summary, inputs, fdr_on, external, fdrs.combine_with_internal)
     if out.copy:
         return (adata, full) if full is not None else adata
     return full
@@ -352,7 +369,27 @@ def _fdr_summary(result: dict, threshold: float) -> dict:
             "n_significant": int(is_de.sum()), "n_total": int(is_de.size)}
 
 
-def _full_results(model, result, f, fdr_summary, inputs, fdr_on) -> dict:
+def _external_fdr(model: DifferentialExpression, result: dict, external: np.ndarray, fdrs: FDRSettings) -> None:
+    """FDR of the real genes against given null distances (with the internal ones if asked)."""
+    table = model.compute_fdr(null=external, threshold=fdrs.threshold,
+                              combine_with_internal=fdrs.combine_with_internal)
+    result.update(mahalanobis_pvalue=table["pvalue"].to_numpy(), local_fdr=table["local_fdr"].to_numpy(),
+                  tail_fdr=table["tail_fdr"].to_numpy(), is_de=table["is_de"].to_numpy(dtype=bool))
+
+
+def _check_covariance(target: Target, n: int) -> None:
+    """The posterior covariance is n_obs x n_obs dense: in memory, and only for small atlases."""
+    if not target.in_memory:
+        raise ValueError("`store_posterior_covariance` writes an n_obs x n_obs matrix into obsp; it needs an "
+                         "in-memory AnnData, not a path or lazy AnnData")
+    if n > MAX_COVARIANCE_CELLS:
+        raise ValueError(f"`store_posterior_covariance` would hold a {n} x {n} float64 matrix "
+                         f"({8 * n * n / 2**30:.1f} GiB); it is allowed up to {MAX_COVARIANCE_CELLS} cells. Use "
+                         "the model's covariance on a subset instead (return_full_results=True, model.function_"
+                         "predictor1.covariance(x, diag=False))")
+
+
+def _full_results(model, result, f, fdr_summary, inputs, fdr_on, external=None, combine=False) -> dict:
     import pandas as pd
 
     columns = {"mean_lfc": result["mean_log_fold_change"]}
@@ -368,7 +405,12 @@ def _full_results(model, result, f, fdr_summary, inputs, fdr_on) -> dict:
         full["landmarks"] = model.computed_landmarks
     if fdr_summary is not None:
         full["fdr_summary"] = fdr_summary
-    if model.null is not None:
+    if external is not None:
+        parts = [external] + ([model.null_mahalanobis_distances] if combine and model.null is not None else [])
+        null = np.concatenate(parts)
+        full["null"] = {"mahalanobis": null, "n_null": len(null), "source": "combined" if len(parts) > 1 else
+                        "external"}
+    elif model.null is not None:
         full["null"] = {"mahalanobis": model.null_mahalanobis_distances, "gene_indices": model.null.indices,
                         "n_null": len(model.null.indices), "seed": model.null_seed, "source": "internal"}
     return full

@@ -64,11 +64,14 @@ def _mask(value: Any, n: int, what: str) -> np.ndarray:
 
 
 def group_results(model: Any, x_pred: np.ndarray, fold_change: Any, groups: dict[str, np.ndarray],
-                  keep: np.ndarray, random_state: Any, with_fdr: bool) -> dict[str, dict[str, np.ndarray]]:
+                  keep: np.ndarray, random_state: Any, with_fdr: bool, external: Any = None,
+                  combine: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """``{quantity: {group: per-gene values}}`` for quantities ``mean_lfc``, ``mahalanobis``,
     ``neg_log10_ptp`` and, ``with_fdr``, ``local_fdr`` and ``is_de``.
 
     ``x_pred`` and ``fold_change`` (numpy or dask) hold the predicted cells (``keep``).
+    With ``external`` null distances the group's FDR is against them (and, ``combine``, the
+    group's null genes too).
     The model's last Mahalanobis results are restored afterwards.
     """
     from ..estimators._landmarks import kmeans_landmarks
@@ -92,6 +95,8 @@ def group_results(model: Any, x_pred: np.ndarray, fold_change: Any, groups: dict
                 dist = model.compute_mahalanobis_distances(x_g, use_landmarks=False)
             out["mahalanobis"][name] = np.asarray(dist, dtype=np.float64)
             out["neg_log10_ptp"][name] = chi2_neg_log10_ptp(dist, x_pred.shape[1])
+            if external is not None:
+                model.compute_fdr(null=external, combine_with_internal=combine)
             if with_fdr:
                 out["local_fdr"][name] = model.fdr_results["local_fdr"].to_numpy()
                 out["is_de"][name] = model.fdr_results["is_de"].to_numpy(dtype=bool)

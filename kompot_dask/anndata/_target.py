@@ -51,7 +51,7 @@ class Target:
         """Names already at the destination, per element (for the overwrite check)."""
         names = {"obs": list(self.adata.obs.columns), "var": list(self.adata.var.columns),
                  "uns": list(self.adata.uns.keys())}
-        for element in ("layers", "varm"):
+        for element in ("layers", "varm", "obsp"):
             if self.in_memory:
                 names[element] = list(getattr(self.adata, element).keys())
             elif self.exists:

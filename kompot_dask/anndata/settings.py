@@ -84,10 +84,18 @@ class FDRSettings:
         if not (self.null_genes is None or self.null_genes == "auto" or np.ndim(self.null_genes) == 1):
             _count(self.null_genes, "null_genes")
         _probability(self.threshold, "threshold")
-        if self.null_mahalanobis is not None or self.null_expression is not None:
-            msg = ("external nulls (`null_mahalanobis`, `null_expression`) are not supported yet; use "
-                   "internal null genes (`null_genes`)")
+        if self.null_mahalanobis is not None and self.null_expression is not None:
+            raise ValueError("pass either `null_mahalanobis` or `null_expression`, not both")
+        if self.null_expression is not None:
+            msg = ("external null expression (`null_expression`) is not supported yet; pass null distances "
+                   "(`null_mahalanobis`) or internal null genes (`null_genes`)")
             raise NotImplementedError(msg)
+        if self.null_mahalanobis is not None:
+            null = np.asarray(self.null_mahalanobis, dtype=np.float64)
+            if null.ndim != 1 or null.size < 2 or not np.isfinite(null).all():
+                raise ValueError(f"`null_mahalanobis` must be at least 2 finite null distances (1-D); got shape "
+                                 f"{null.shape}{'' if np.isfinite(null).all() else ' with NaN/inf'}")
+            self.null_mahalanobis = null
 
 
 @dataclass
@@ -137,8 +145,6 @@ class StorageSettings:
     def __post_init__(self) -> None:
         if self.result_key is not None and (not isinstance(self.result_key, str) or not self.result_key):
             raise ValueError(f"`result_key` must be a non-empty string; got {self.result_key!r}")
-        if self.store_posterior_covariance:
-            raise NotImplementedError("`store_posterior_covariance` is not supported yet")
 
 
 @dataclass
