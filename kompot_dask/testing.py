@@ -4,6 +4,7 @@
   negative-binomial counts) with known DA regions and DE genes, or a null variant;
 - :func:`atlas_anndata`: the same as an :class:`anndata.AnnData`;
 - :func:`write_atlas_zarr`: a large one written to an AnnData-zarr store chunk by chunk;
+- :func:`condition_arrays`: an atlas split into the two conditions' arrays and sample labels;
 - :func:`auroc`: area under the ROC curve, to score recovery of the truth;
 - :func:`two_conditions`: the older, simpler clusters generator.
 """
@@ -16,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
-    "Atlas", "TwoConditions", "atlas_anndata", "auroc", "simulate_atlas", "two_conditions",
-    "write_atlas_zarr",
+    "Atlas", "ConditionArrays", "TwoConditions", "atlas_anndata", "auroc", "condition_arrays", "simulate_atlas",
+    "two_conditions", "write_atlas_zarr",
 ]
 
 
@@ -552,6 +553,39 @@ def simulate_atlas(
     return Atlas(cells["x"], cells["y"], condition, sample, cells["true_lfc"], cells["cell_is_da"],
                  gene_is_de, gene_effect, cells["layout"], cells["branch"], cells["branch_position"],
                  cells.get("de_effect"))
+
+
+class ConditionArrays(NamedTuple):
+    """The arrays of :meth:`DifferentialExpression.fit` for one atlas, and where the cells were."""
+
+    x1: np.ndarray  # control cells' states
+    y1: np.ndarray  # control cells' expression
+    samples1: np.ndarray  # control cells' sample labels
+    x2: np.ndarray  # treated
+    y2: np.ndarray
+    samples2: np.ndarray
+    rows1: np.ndarray  # row of each control cell in the atlas
+    rows2: np.ndarray
+
+
+def condition_arrays(atlas: Atlas) -> ConditionArrays:
+    """Split an atlas into its control (condition 1) and treated (condition 2) cells.
+
+    Parameters
+    ----------
+    atlas : Atlas
+        From :func:`simulate_atlas` (null or signal variant).
+
+    Returns
+    -------
+    ConditionArrays
+        Cell states, expression and sample labels of each condition, in the atlas's
+        order, and the atlas rows they came from.
+    """
+    rows1 = np.flatnonzero(np.asarray(atlas.condition) == _CONDITIONS[0])
+    rows2 = np.flatnonzero(np.asarray(atlas.condition) == _CONDITIONS[1])
+    return ConditionArrays(atlas.x[rows1], atlas.y[rows1], atlas.sample[rows1], atlas.x[rows2], atlas.y[rows2],
+                           atlas.sample[rows2], rows1, rows2)
 
 
 # ============================================================================ AnnData

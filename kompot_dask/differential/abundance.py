@@ -104,6 +104,7 @@ class DifferentialAbundance:
         self.batch_size = batch_size
         self.density_estimator1 = self.density_estimator2 = None
         self.landmarks = None
+        self.spatial_fdr_result: dict | None = None
         self.synced_parameters: dict[str, float] | None = None
         self.synced_nn_distances: np.ndarray | None = None
         self.n_features: int | None = None
@@ -256,6 +257,7 @@ class DifferentialAbundance:
         dtype: str = "float64",
         overwrite: bool = False,
         compute: bool = True,
+        spatial_fdr: float | None = None,
     ) -> Any:
         """Log densities, log fold change and its significance at ``X_new`` (SPEC §5.4).
 
@@ -284,6 +286,10 @@ class DifferentialAbundance:
         compute : bool, default True
             With a store: ``False`` lays out the store and returns the graph (a
             ``dask.delayed.Delayed``) without computing anything.
+        spatial_fdr : float, optional
+            Also call cells with a spatially controlled FDR at this level
+            (:meth:`spatial_fdr_call` with its defaults; in memory only). Kompot's
+            direction is unchanged.
 
         Returns
         -------
@@ -291,8 +297,10 @@ class DifferentialAbundance:
             In memory: ``log_density_condition1``, ``log_density_condition2``,
             ``log_fold_change``, ``log_fold_change_uncertainty`` (a variance),
             ``log_fold_change_zscore``, ``neg_log10_fold_change_ptp`` and
-            ``log_fold_change_direction``. With a store: the store opened lazily (the same
-            variables, dimension ``cell``), or the graph if ``compute=False``.
+            ``log_fold_change_direction``; with ``spatial_fdr`` also
+            ``log_fold_change_pvalue``, ``log_fold_change_spatial_fdr`` and
+            ``log_fold_change_spatial_direction``. With a store: the store opened lazily
+            (the same variables, dimension ``cell``), or the graph if ``compute=False``.
         """
         if self.density_predictor1 is None or self.density_predictor2 is None:
             raise ValueError("DifferentialAbundance is not fitted; call `fit` first")
@@ -304,6 +312,10 @@ class DifferentialAbundance:
         if self.n_features is not None and x.shape[1] != self.n_features:
             raise ValueError(f"`X_new` has {x.shape[1]} features but the model was fitted on {self.n_features}")
         args = check_run_arguments(store, dtype, overwrite, compute, client, cell_chunk=cell_chunk)
+        if spatial_fdr is not None:
+            spatial_fdr = check_ptp_threshold(spatial_fdr, "spatial_fdr")
+            if store is not None:
+                raise ValueError("`spatial_fdr` is computed in memory only; call `spatial_fdr_call` on the cells")
         model = pipeline.AbundanceModel(self.density_predictor1, self.density_predictor2, *self.variance_predictors,
                                         self.eps)
         token, client = None, None if store is None else resolve_client(client)
@@ -323,7 +335,86 @@ class DifferentialAbundance:
         for key, value in result.items():
             setattr(self, key, value)
         self.log_fold_change_ptp = 10.0 ** (-result["neg_log10_fold_change_ptp"])
+        if spatial_fdr is not None:
+            call = self.spatial_fdr_call(x, alpha=spatial_fdr, cell_result=result)
+            result.update({key: call[key] for key in ("log_fold_change_pvalue", "log_fold_change_spatial_fdr",
+                                                      "log_fold_change_spatial_direction")})
         return result
+
+    @with_x64
+    def spatial_fdr_call(
+        self,
+        X_new: Any,
+        alpha: float = 0.05,
+        points: Any = None,
+        weights: Any = "uniform",
+        df: float | None = None,
+        cell_result: dict | None = None,
+    ) -> dict:
+        """Per-cell DA calls whose false-discovery rate is controlled over the state map.
+
+        Kompot's direction thresholds each cell's tail probability alone. Here the tests
+        are neighbourhoods: the evaluation ``points`` (default the shared landmarks)
+        each get a two-sided p-value from the model's z-score (with sample variance if
+        fitted with sample labels, which is what makes the call hold with replicates);
+        a weighted Benjamini–Hochberg procedure at level ``alpha`` over the points gives
+        a p-value threshold, and every cell whose own p-value is below it is called, up
+        or down by the sign of its log fold change (see
+        :mod:`kompot_dask.differential._calls`).
+
+        Parameters
+        ----------
+        X_new : array (n_cells, n_features)
+            Cells to call.
+        alpha : float, default 0.05
+            FDR level over the points.
+        points : array (p, n_features), optional
+            Neighbourhood centres (default the landmarks; without landmarks, 300
+            k-means centroids of ``X_new``, seeded with ``random_state``).
+        weights : {"uniform", "density"} or array (p,), default "uniform"
+            Weights of the points: equal, or inverse local density of the points (each
+            region of the map counts alike).
+        df : float, optional
+            Use Student's t with ``df`` degrees of freedom instead of the normal for the
+            p-values.
+        cell_result : dict, optional
+            ``log_fold_change_zscore`` and ``log_fold_change`` at ``X_new`` already
+            computed (by :meth:`predict`).
+
+        Returns
+        -------
+        dict
+            ``log_fold_change_pvalue`` (two-sided), ``log_fold_change_spatial_fdr`` and
+            ``log_fold_change_spatial_direction`` (``"up"``, ``"down"``, ``"neutral"``) per
+            cell, and ``spatial_fdr_threshold`` (the p-value cut, 0 if nothing is called),
+            ``spatial_fdr_points``, ``spatial_fdr_point_pvalue``,
+            ``spatial_fdr_point_fdr``; also kept as ``spatial_fdr_result``.
+        """
+        from . import _calls
+
+        alpha = check_ptp_threshold(alpha, "alpha")
+        x = as_cell_states(X_new, "X_new", min_cells=1)
+        if points is None:
+            points = self.landmarks
+        if points is None:
+            points = compute_landmarks(x, "fixed", min(300, len(x)), self.random_state)
+        points = check_landmarks(points, x.shape[1])
+        w = _calls.resolve_weights(weights, points)
+        cells = cell_result if cell_result is not None else _calls.model_zscores(self, x)
+        pts = _calls.model_zscores(self, points)
+        call = _calls.spatial_call(cells["log_fold_change_zscore"], cells["log_fold_change"],
+                                   pts["log_fold_change_zscore"], alpha, w, df)
+        out = {
+            "log_fold_change_pvalue": call.pvalue,
+            "log_fold_change_spatial_fdr": call.fdr,
+            "log_fold_change_spatial_direction": call.direction,
+            "spatial_fdr_threshold": call.threshold,
+            "spatial_fdr_points": points,
+            "spatial_fdr_point_pvalue": call.point_pvalue,
+            "spatial_fdr_point_fdr": call.point_fdr,
+        }
+        self.spatial_fdr_result = out
+        return out
 
     @property
     def variance_predictors(self) -> tuple[Any, Any]:

@@ -17,6 +17,7 @@ __all__ = [
     "GRID_SIZE",
     "FDRArrays",
     "GrenanderFDR",
+    "benjamini_hochberg",
     "compute_fdr_arrays",
     "empirical_pvalues",
     "grenander_fdr",
@@ -270,3 +271,50 @@ def compute_fdr_arrays(real: np.ndarray, null: np.ndarray, threshold: float = 0.
     is_de = np.zeros(real.shape, dtype=bool)
     is_de[ok] = local_fdr[ok] < threshold
     return FDRArrays(real.copy(), pvalue, local_fdr, tail_fdr, is_de)
+
+
+def benjamini_hochberg(pvalues: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q-values), optionally weighted (spatial FDR).
+
+    Unweighted: ``q_(i) = min_{j >= i} p_(j) n / j`` over the p-values sorted
+    increasingly. With ``weights`` (e.g. the inverse of each test's local density, so that
+    every region of a map counts about equally, as Milo's spatial FDR) the rank ``j / n``
+    becomes the weight fraction ``Σ_{k <= j} w_(k) / Σ w``: ``q_(i) = min_{j >= i}
+    p_(j) Σ w / Σ_{k <= j} w_(k)``. Rejecting ``q <= alpha`` is the step-up procedure at
+    level ``alpha``; equal weights give plain BH.
+
+    Parameters
+    ----------
+    pvalues : array (n,)
+        p-values in ``[0, 1]``; NaN is kept as NaN and takes no part.
+    weights : array (n,), optional
+        Positive finite weights (default all 1).
+
+    Returns
+    -------
+    ndarray (n,)
+        Adjusted p-values, clipped to ``[0, 1]``.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"`pvalues` must be 1-D; got shape {p.shape}")
+    w = np.ones_like(p) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != p.shape:
+        raise ValueError(f"`weights` must have the shape of `pvalues` {p.shape}; got {w.shape}")
+    ok = ~np.isnan(p)
+    if np.any((p[ok] < 0) | (p[ok] > 1)):
+        raise ValueError("`pvalues` must lie in [0, 1]")
+    if not np.all(np.isfinite(w[ok])) or np.any(w[ok] <= 0):
+        raise ValueError("`weights` must be positive and finite")
+    out = np.full(p.shape, np.nan)
+    if not ok.any():
+        return out
+    pv, wv = p[ok], w[ok]
+    order = np.argsort(pv, kind="stable")
+    cum = np.cumsum(wv[order])
+    adjusted = pv[order] * cum[-1] / cum
+    adjusted = np.minimum.accumulate(adjusted[::-1])[::-1]
+    res = np.empty_like(pv)
+    res[order] = np.clip(adjusted, 0.0, 1.0)
+    out[ok] = res
+    return out
