@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -40,10 +42,10 @@ def test_groups_fill_varm_frames(run):
     for key in keys:
         frame = adata.varm[key]
         assert list(frame.columns) == ["ctrl-A", "few"] and list(frame.index) == list(adata.var_names)
-    history = __import__("json").loads(adata.uns["kompot_de"]["last_run_info"])
+    history = json.loads(adata.uns["kompot_de"]["last_run_info"])
     assert history["has_groups"] is True and history["groups_summary"]["names"] == ["ctrl-A", "few"]
     assert history["groups_summary"]["cells"]["few"] == {"total": 40, "condition1": 40, "condition2": 0}
-    assert set(keys) <= set(__import__("json").loads(adata.uns["kompot_de"]["anndata_fields"])["varm"])
+    assert set(keys) <= set(json.loads(adata.uns["kompot_de"]["anndata_fields"])["varm"])
 
 
 def test_group_values_against_their_definition(run):

@@ -83,10 +83,14 @@ def group_results(model: Any, x_pred: np.ndarray, fold_change: Any, groups: dict
     out: dict[str, dict[str, np.ndarray]] = {k: {} for k in ("mean_lfc", "mahalanobis", "neg_log10_ptp")}
     if with_fdr:
         out.update(local_fdr={}, is_de={})
+    import dask
+
+    # every group's mean in one pass over the fold changes (a dask array reads each chunk once)
+    means = dask.compute({name: fold_change[position[mask]].mean(axis=0) for name, mask in groups.items()})[0]
+    out["mean_lfc"] = {name: np.asarray(value, dtype=np.float64) for name, value in means.items()}
     try:
         for name, mask in groups.items():
             rows = position[mask]
-            out["mean_lfc"][name] = np.asarray(fold_change[rows].mean(axis=0), dtype=np.float64)
             x_g = x_pred[rows]
             if landmarks is not None and len(x_g) > len(landmarks):
                 points = kmeans_landmarks(x_g, len(landmarks), random_state)

@@ -177,10 +177,11 @@ def _source_path(adata: Any) -> str | None:
 
 def _is_in_memory(adata: Any) -> bool:
     import anndata
+    import pandas as pd
 
     if not isinstance(adata, anndata.AnnData) or getattr(adata, "isbacked", False):
         return False
-    return isinstance(adata.obs, __import__("pandas").DataFrame)
+    return isinstance(adata.obs, pd.DataFrame)
 
 
 def open_target(adata: Any, copy: bool, results_store: Any = None) -> Target:

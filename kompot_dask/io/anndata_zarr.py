@@ -24,8 +24,6 @@ import uuid
 import warnings
 from typing import Any, Iterable
 
-import numpy as np
-
 __all__ = ["AnnDataZarr", "is_anndata_zarr"]
 
 ARRAY_ENCODING = {"encoding-type": "array", "encoding-version": "0.2.0"}
@@ -99,14 +97,6 @@ class AnnDataZarr:
         """Keys of a mapping element (``layers``, ``uns``, ``obsm``...), empty if absent."""
         root = self._root()
         return list(root[element].keys()) if element in root else []
-
-    def obs_names(self) -> np.ndarray:
-        """The cell index."""
-        from anndata.io import read_elem
-
-        root = self._root()
-        obs = root["obs"]
-        return np.asarray(read_elem(obs[obs.attrs["_index"]])).astype(str)
 
     # ------------------------------------------------------------------ creating
     @classmethod
