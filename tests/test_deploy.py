@@ -5,8 +5,8 @@ nannies) on loopback, run the installed ``kompot-dask`` entry point against them
 compare every output field with an in-process run of the same command: to 1e-8 of each
 field's scale, not bit for bit (workers run single-threaded BLAS in other processes).
 Two ``--scheduler-file`` runs have worker processes SIGKILLed while they execute the run's
-tasks: one worker, then every worker in turn (each nanny starts a new one before the next
-kill); both still give the same results. A worker reporting another kompot_dask version
+tasks: one worker, then every worker in turn (each nanny starts a new one, and the run ends
+on new workers only); both still give the same results. A worker reporting another kompot_dask version
 (the ``KOMPOT_DASK_FAKE_VERSION`` testing hook) makes ``run`` and ``plan`` fail with one
 line; one that joins after the client connected leaves by itself with the same line.
 Every process started here is gone afterwards (checked with psutil).
@@ -337,7 +337,13 @@ def _wait_for_replacement(cluster, client, nanny: int, n_workers: int) -> str:
 
 def _kill_in_turn(cluster, client, proc: subprocess.Popen, kills: int) -> list[dict]:
     """SIGKILL ``kills`` of the workers there are now, one at a time, each while it runs a
-    task of ``proc``'s run, waiting for its nanny's new worker before the next."""
+    task of ``proc``'s run; then wait until each one's nanny has started a new worker.
+
+    The next kill does not wait for the previous replacement: the survivor is busy at once
+    with the task the killed worker was running, whereas a run that has finished its last
+    task while a replacement started (a second or more under load) leaves nothing to kill
+    mid-run. Every original worker dies mid-run all the same, and the run ends on
+    replacement workers only."""
     originals = _worker_pids(client)
     nannies = {a: _parent(pid) for a, pid in originals.items()}
     assert set(nannies.values()) <= {p.pid for p in cluster.procs}, "each worker is a child of a nanny started here"
@@ -345,11 +351,12 @@ def _kill_in_turn(cluster, client, proc: subprocess.Popen, kills: int) -> list[d
     while len(killed) < kills:
         left = {a: pid for a, pid in originals.items() if a not in {k["address"] for k in killed}}
         address, pid = _kill_when_busy(client, proc, left)
-        at = time.monotonic() - started
         cluster.remember_tree()
-        replacement = _wait_for_replacement(cluster, client, nannies[address], len(originals))
-        killed.append({"address": address, "pid": pid, "nanny": nannies[address], "replacement": replacement})
-        print(f"worker {pid} killed {at:.1f} s into the run, replaced after {time.monotonic() - started - at:.1f} s")
+        killed.append({"address": address, "pid": pid, "nanny": nannies[address], "at": time.monotonic() - started})
+    for kill in killed:
+        kill["replacement"] = _wait_for_replacement(cluster, client, kill["nanny"], len(originals))
+        print(f"worker {kill['pid']} killed {kill['at']:.1f} s into the run; "
+              f"replaced {time.monotonic() - started:.1f} s into it")
     return killed
 
 

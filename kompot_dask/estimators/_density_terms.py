@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 from .._jax import with_x64
+from ..kernels import covariance as cov
 from ..kernels import density as dk
+from ..kernels import posterior as post
 
 __all__ = ["DensityChunk", "Prior", "gram_rhs", "loglik_grad", "hessian_diag"]
 
@@ -44,32 +45,41 @@ class Prior(NamedTuple):
     ls: float
 
 
-def _factor_rows(chunk: DensityChunk, prior: Prior) -> jax.Array:
+def _factor_rows(chunk: DensityChunk, prior: Prior) -> np.ndarray:
+    """``L_c`` (c × m): the chunk's rows of ``Lp`` (full mode) or ``K_cU Lp⁻ᵀ`` (landmarks)."""
     if chunk.phi is not None:
-        return chunk.phi
-    return dk.landmark_factor_block(chunk.x, prior.inducing, prior.lp, prior.ls)
-
-
-def _numpy(parts: tuple) -> tuple:
-    return tuple(np.asarray(p) for p in parts)
+        return np.asarray(chunk.phi)
+    k_uc = np.asfortranarray(cov.matern52(prior.inducing, chunk.x, prior.ls))
+    return post.solve_lower(prior.lp, k_uc).T
 
 
 @with_x64
 def gram_rhs(chunk: DensityChunk, prior: Prior) -> tuple:
     """``(L_c^T L_c, L_c^T t_c)`` of one chunk."""
-    return _numpy(dk.chunk_gram_rhs(_factor_rows(chunk, prior), chunk.target))
+    lc = _factor_rows(chunk, prior)
+    return post.gram(lc), lc.T @ chunk.target
 
 
 @with_x64
 def loglik_grad(chunk: DensityChunk, prior: Prior, w: np.ndarray, mu: float) -> tuple:
-    """One chunk's log-likelihood sum and ``Phi_c^T (1 - e)`` at weights ``w = T z``."""
+    """One chunk's log-likelihood sum and ``Phi_c^T (1 - e)`` at weights ``w = T z``.
+
+    Full mode multiplies the chunk's rows of ``Lp`` in numpy: two matrix-vector products
+    that stream the block once each, where a jitted call would first copy the block into
+    a JAX buffer (measured 25 ms against 150 ms for 2,500 cells).
+    """
     if chunk.phi is not None:
-        return _numpy(dk.chunk_loglik_grad(chunk.phi, w, mu, chunk.v, chunk.vd))
-    return _numpy(dk.cells_loglik_grad(chunk.x, prior.inducing, prior.ls, w, mu, chunk.v, chunk.vd))
+        phi = np.asarray(chunk.phi)
+        f = phi @ w + mu
+        e = np.exp(f + chunk.v)
+        return np.asarray(np.sum(f + chunk.vd - e)), phi.T @ (1.0 - e)
+    return tuple(np.asarray(p) for p in dk.cells_loglik_grad(chunk.x, prior.inducing, prior.ls, w, mu, chunk.v,
+                                                             chunk.vd))
 
 
 @with_x64
 def hessian_diag(chunk: DensityChunk, prior: Prior, z: np.ndarray, mu: float) -> tuple:
     """``(L_c**2)^T exp(f_c + V_c)``: one chunk's part of the Laplace diagonal."""
     lc = _factor_rows(chunk, prior)
-    return _numpy((dk.chunk_weighted_sq_colsum(lc, dk.chunk_intensity(lc, z, mu, chunk.v)),))
+    e = np.exp(lc @ z + mu + chunk.v)
+    return ((lc * lc).T @ e,)

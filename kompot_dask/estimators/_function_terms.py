@@ -12,7 +12,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._jax import with_x64
+from ..kernels import covariance as cov
 from ..kernels import function as fk
+from ..kernels import posterior as post
 from ._inputs import read_rows
 
 __all__ = ["FunctionChunk", "FunctionPrior", "RowBlock", "reads_lazily", "projected_stats", "residual_cross"]
@@ -53,11 +55,20 @@ class FunctionPrior(NamedTuple):
     mu: float
 
 
+def _projection(x: np.ndarray, prior: FunctionPrior) -> np.ndarray:
+    """``A_c = Lp⁻¹ K_Uc`` (M × c), the triangular solve in LAPACK."""
+    return post.solve_lower(prior.lp, np.asfortranarray(cov.matern52(prior.inducing, x, prior.ls)))
+
+
 @with_x64
 def projected_stats(chunk: FunctionChunk, prior: FunctionPrior) -> tuple:
-    """``(A_c A_c^T, A_c (Y_c - mu))`` of one chunk, ``A_c = Lp^-1 K_Uc``."""
-    parts = fk.chunk_projected_stats(chunk.x, prior.inducing, prior.lp, prior.ls, chunk.targets() - prior.mu)
-    return tuple(np.asarray(p) for p in parts)
+    """``(A_c A_c^T, A_c (Y_c - mu))`` of one chunk, ``A_c = Lp^-1 K_Uc``.
+
+    Projecting each chunk by a triangular solve first (rather than forming ``K_UX K_XU``
+    and solving on both sides) keeps the conditioning of ``Lp`` from being squared.
+    """
+    a = _projection(chunk.x, prior)
+    return post.gram(a.T), a @ (chunk.targets() - prior.mu)
 
 
 @with_x64
@@ -68,5 +79,5 @@ def residual_cross(
     u, ls = prior.inducing, prior.ls
     h = fk.landmark_leverage(chunk.x, u, leverage_factor, ls)
     fitted = fk.predict_mean(chunk.x, u, weights, prior.mu, ls)
-    e2 = fk.hc3_squared_residuals(chunk.targets(), fitted, h)
-    return (np.asarray(fk.chunk_projected_cross(chunk.x, u, prior.lp, ls, e2)),)
+    e2 = np.asarray(fk.hc3_squared_residuals(chunk.targets(), fitted, h))
+    return (_projection(chunk.x, prior) @ e2,)

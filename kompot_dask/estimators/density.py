@@ -11,8 +11,10 @@ import scipy.optimize
 from .._jax import with_x64
 from ..kernels import density as dk
 from ..kernels import density_params as dp
-from ..kernels import linalg as la
+from ..kernels import covariance as cov
 from ..kernels import neighbors as nb
+from ..kernels import posterior as post
+from . import _shared_factors as shared_factors
 from ._density_terms import DensityChunk, Prior, gram_rhs, hessian_diag, loglik_grad
 from ..execution.reduce import LocalChunks, open_reducer
 from ._inputs import as_cell_states, check_count, check_landmarks, check_positive
@@ -60,13 +62,9 @@ class DensityPredictor(ChunkedPredictor):
 
     def _variances(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         st = self.state
-        s = np.zeros(len(st.inducing)) if st.s is None else st.s
-        slices = row_slices(len(x), len(st.inducing))
-        parts = [dk.predict_variances(x[sl], st.inducing, st.lp, s, st.ls) for sl in slices]
-        return (
-            np.concatenate([np.asarray(p[0]) for p in parts]),
-            np.concatenate([np.asarray(p[1]) for p in parts]),
-        )
+        s2 = np.zeros(len(st.inducing)) if st.s is None else st.s * st.s
+        parts = [_chunk_variances(x[sl], st, s2) for sl in row_slices(len(x), len(st.inducing))]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     @with_x64
     def covariance(self, x: Any, diag: bool = True) -> np.ndarray:
@@ -111,9 +109,9 @@ class _Objective:
     @with_x64
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         z = np.asarray(z, dtype=np.float64)
-        w = np.asarray(la.solve_upper_t(self.lp, z)) if self.landmark else z
+        w = post.solve_lower_t(self.lp, z) if self.landmark else z
         loglik, grad_w = self.reducer.reduce(loglik_grad, self.prior, w, self.mu)
-        grad_z = np.asarray(la.solve_lower(self.lp, grad_w)) if self.landmark else grad_w
+        grad_z = post.solve_lower(self.lp, grad_w) if self.landmark else grad_w
         return dk.loss_value(z, loglik), z - grad_z
 
 
@@ -130,7 +128,7 @@ class _Preconditioned:
         self.objective, self.factor = objective, factor
 
     def to_latent(self, u: np.ndarray) -> np.ndarray:
-        return np.asarray(la.solve_upper_t(self.factor, np.asarray(u, dtype=np.float64)))
+        return post.solve_lower_t(self.factor, np.asarray(u, dtype=np.float64))
 
     def from_latent(self, z: np.ndarray) -> np.ndarray:
         return self.factor.T @ z
@@ -138,7 +136,7 @@ class _Preconditioned:
     @with_x64
     def __call__(self, u: np.ndarray) -> tuple[float, np.ndarray]:
         value, grad_z = self.objective(self.to_latent(u))
-        return value, np.asarray(la.solve_lower(self.factor, grad_z))
+        return value, post.solve_lower(self.factor, grad_z)
 
 
 class DensityEstimator:
@@ -284,14 +282,14 @@ class DensityEstimator:
     def _fit_latent(self, x: np.ndarray) -> None:
         full = self.gp_type == "full"
         inducing = x if full else self.landmarks
-        lp = np.asarray(la.checked(la.prior_cholesky(inducing, self.ls, self.jitter), "K_ZZ + jitter*I"))
+        lp = shared_factors.prior_factor(np.asarray(inducing), self.ls, self.jitter, "K_ZZ + jitter*I")
         chunks = self._chunks(x, lp, full)
         prior = Prior(None if full else np.asarray(inducing), lp, float(self.ls))
         with open_reducer(chunks, "density") as reducer:
             shared = reducer.share(prior)
             gram, rhs = reducer.reduce(gram_rhs, shared)
-            factor = np.asarray(dk.ridge_factor(gram))
-            self.initial_value = np.asarray(dk.ridge_solve(factor, rhs))
+            factor = _ridge_factor(gram)
+            self.initial_value = post.solve_lower_t(factor, post.solve_lower(factor, rhs))
             objective = _Objective(reducer, shared, lp, not full, float(self.mu))
             if self.optimizer == "preconditioned":
                 objective = _Preconditioned(objective, factor)
@@ -317,7 +315,7 @@ class DensityEstimator:
             DensityState(
                 inducing=np.asarray(inducing),
                 lp=lp,
-                weights=np.asarray(la.solve_upper_t(lp, z)),  # Lp^-T z in both modes
+                weights=post.solve_lower_t(lp, z),  # Lp^-T z in both modes
                 s=s,
                 mu=float(self.mu),
                 ls=float(self.ls),
@@ -349,6 +347,20 @@ class DensityEstimator:
         if getattr(self, "_objective", None) is None:
             raise ValueError("loss_and_gradient needs the estimator that ran `fit` (it is not pickled)")
         return self._objective(np.asarray(z, dtype=np.float64))
+
+
+def _chunk_variances(xc: np.ndarray, st: DensityState, s2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``covariance`` and ``mean_covariance`` diagonals of a chunk (SPEC §2.8), ``B = Lp⁻¹ K_Zx``."""
+    b = post.solve_lower(st.lp, np.asfortranarray(cov.matern52(st.inducing, xc, st.ls)))
+    b2 = b * b
+    return np.asarray(cov.matern52_diag(xc, st.ls)) - np.sum(b2, axis=0), s2 @ b2
+
+
+def _ridge_factor(gram: np.ndarray) -> np.ndarray:
+    """``chol(gram + I)``: the ridge system of §2.5, ``I + Lᵀ L``."""
+    a = np.array(gram, dtype=np.float64)
+    a[np.diag_indices_from(a)] += 1.0
+    return post.cholesky_lower(a, "the ridge system I + L^T L")
 
 
 def _check_dimension(d: float) -> None:

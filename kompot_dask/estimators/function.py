@@ -7,9 +7,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._jax import with_x64
+from ..kernels import covariance as cov
 from ..kernels import density_params as dp
 from ..kernels import function as fk
 from ..kernels import linalg as la
+from ..kernels import posterior as post
+from . import _shared_factors as shared
 from ._function_terms import FunctionChunk, FunctionPrior, RowBlock, projected_stats, reads_lazily, residual_cross
 from ..execution.reduce import open_reducer
 from ._inputs import as_cell_states, as_expression, check_count, check_landmarks, check_positive, read_rows
@@ -35,6 +38,7 @@ class FunctionState(NamedTuple):
     leverage_factor: np.ndarray | None = None  # landmark mode, obs_variance only
     train_leverage: np.ndarray | None = None  # full mode, obs_variance only
     obs_weights: np.ndarray | None = None  # (m, G) weights of the observation-variance GP
+    jitter: float | None = None  # landmark mode: lp = chol(K_UU + jitter I); None if unknown
 
 
 class FunctionPredictor(ChunkedPredictor):
@@ -42,6 +46,15 @@ class FunctionPredictor(ChunkedPredictor):
 
     ``predictor(x)`` gives the posterior mean, ``(n, G)`` (``(n,)`` for a vector target).
     Query cells are processed in chunks; ``genes`` selects a batch of columns.
+
+    Every cell's result is the same whatever block of cells it is asked for in (up to BLAS
+    rounding), so a caller's batch size only sets how many cells one call holds in memory.
+    Small batches cost more per cell, though: a block of ``c`` cells solves against the
+    ``M × M`` factors with ``c`` right-hand sides, which LAPACK runs near its GEMM rate only
+    for ``c`` in the hundreds (measured with ``benchmarks/stages.py``: 100 cells at 5,000
+    landmarks about 40 % of the rate of 1,000). Predictors fitted in one process on the
+    same landmarks share their prior factor, and a block of cells asked of two such
+    predictors in turn is projected onto it once (:mod:`._shared_factors`).
     """
 
     @property
@@ -60,15 +73,30 @@ class FunctionPredictor(ChunkedPredictor):
 
     @with_x64
     def covariance(self, x: Any, diag: bool = True) -> np.ndarray:
-        """Latent posterior covariance (no observation noise), the same for every gene."""
+        """Latent posterior covariance (no observation noise), the same for every gene.
+
+        ``diag=True``: the variance of each cell, ``(n,)``; else the ``(n, n)`` covariance.
+        At the model's own landmarks the full covariance comes from the fitted factors
+        (:func:`~kompot_dask.kernels.posterior.inducing_shared`), with no solve per model.
+        """
         x, st = self._query(x), self.state
         if st.lb is None:
             if diag:
-                return self._by_chunks(x, lambda xc: fk.full_cov_diag(xc, st.inducing, st.lp, st.ls))
-            return np.asarray(fk.full_cov_full(x, st.inducing, st.lp, st.ls))
+                return self._by_chunks(x, lambda xc: post.full_variance(
+                    np.asarray(cov.matern52_diag(xc, st.ls)), _kernel_block(st.inducing, xc, st.ls), st.lp))
+            return post.full_covariance(np.asarray(cov.matern52(x, x, st.ls)), _kernel_block(st.inducing, x, st.ls),
+                                        st.lp)
         if diag:
-            return self._by_chunks(x, lambda xc: fk.landmark_cov_diag(xc, st.inducing, st.lp, st.lb, st.ls))
-        return np.asarray(fk.landmark_cov_full(x, st.inducing, st.lp, st.lb, st.ls))
+            return self._by_chunks(x, self._landmark_variance)
+        if st.jitter is not None and _same_points(x, st.inducing):
+            return post.inducing_covariance(shared.inducing_terms(st.lp, st.jitter), st.lb)
+        a, _ = shared.cell_projection(x, st.inducing, st.lp, st.ls)
+        return post.landmark_covariance(np.asarray(cov.matern52(x, x, st.ls)), a, st.lb)
+
+    def _landmark_variance(self, xc: np.ndarray) -> np.ndarray:
+        st = self.state
+        a, base = shared.cell_projection(xc, st.inducing, st.lp, st.ls)
+        return base + post.column_sq_norms(post.solve_lower(st.lb, a))
 
     @with_x64
     def leverage(self, x: Any) -> np.ndarray:
@@ -201,8 +229,8 @@ class FunctionEstimator:
         return max(self.sigma**2, self.jitter)
 
     def _fit_landmarks(self, x: np.ndarray, y: Any, one_d: bool) -> FunctionState:
-        u, ls, mu = self.landmarks, self.ls, self.mu
-        lp = np.asarray(la.checked(la.prior_cholesky(u, ls, self.jitter), "K_UU + jitter*I"))
+        u, ls, mu = np.asarray(self.landmarks), self.ls, self.mu
+        lp = shared.prior_factor(u, ls, self.jitter)
         lazy = reads_lazily(y)
         chunks = [
             FunctionChunk(x[sl], RowBlock(y, sl))
@@ -210,28 +238,52 @@ class FunctionEstimator:
         ]
         # In-memory targets are summed here: shipping them to workers would copy them.
         with open_reducer(chunks, "function", local=not lazy) as reducer:
-            prior = reducer.share(FunctionPrior(np.asarray(u), lp, float(ls), float(mu)))
+            prior = reducer.share(FunctionPrior(u, lp, float(ls), float(mu)))
             aat, a_r = reducer.reduce(projected_stats, prior)
-            lb = la.checked(fk.landmark_noise_factor(aat, self._noise), "I + A A^T / sigma^2")
-            weights = np.asarray(fk.landmark_weights(lp, lb, a_r, self._noise))
-            state = FunctionState(np.asarray(u), weights, lp, np.asarray(lb), mu, ls, len(x), one_d)
+            lb = post.cholesky_lower(_noise_matrix(aat, self._noise), "I + A A^T / sigma^2")
+            weights = post.landmark_weights(lp, lb, a_r, self._noise)
+            state = FunctionState(u, weights, lp, lb, mu, ls, len(x), one_d, jitter=float(self.jitter))
             if not self.obs_variance:
                 return state
             lm = np.asarray(la.checked(fk.leverage_factor(lp, aat, self.sigma**2, self.jitter), "the leverage matrix"))
             (cross_var,) = reducer.reduce(residual_cross, prior, lm, weights)
-        obs_w = fk.landmark_weights(lp, lb, cross_var, self._noise)
-        return state._replace(leverage_factor=lm, obs_weights=np.asarray(obs_w))
+        obs_w = post.landmark_weights(lp, lb, cross_var, self._noise)
+        return state._replace(leverage_factor=lm, obs_weights=obs_w)
 
     def _fit_full(self, x: np.ndarray, y: Any, one_d: bool) -> FunctionState:
         ls, mu = self.ls, self.mu
         yy = read_rows(y, slice(0, len(x)))
-        lf = la.checked(fk.full_factor(x, ls, self._noise), "K_XX + sigma^2 I")
-        weights = fk.full_weights(lf, yy - mu)
-        state = FunctionState(x, np.asarray(weights), np.asarray(lf), None, mu, ls, len(x), one_d)
+        lf = post.cholesky_lower(_shifted_kernel(x, ls, self._noise), "K_XX + sigma^2 I")
+        weights = post.solve_lower_t(lf, post.solve_lower(lf, yy - mu))
+        state = FunctionState(x, weights, lf, None, mu, ls, len(x), one_d)
         if not self.obs_variance:
             return state
         h = fk.full_training_leverage(x, ls, self.sigma**2, self.jitter)
         fitted = fk.predict_mean(x, x, weights, mu, ls)
-        e2 = fk.hc3_squared_residuals(yy, fitted, h)
-        lv = la.checked(fk.full_factor(x, ls, self.sigma**2 + self.jitter), "K_XX + (sigma^2 + jitter) I")
-        return state._replace(train_leverage=np.asarray(h), obs_weights=np.asarray(fk.full_weights(lv, e2)))
+        e2 = np.asarray(fk.hc3_squared_residuals(yy, fitted, h))
+        lv = post.cholesky_lower(_shifted_kernel(x, ls, self.sigma**2 + self.jitter), "K_XX + (sigma^2 + jitter) I")
+        obs_w = post.solve_lower_t(lv, post.solve_lower(lv, e2))
+        return state._replace(train_leverage=np.asarray(h), obs_weights=obs_w)
+
+
+def _kernel_block(a: np.ndarray, b: np.ndarray, ls: float) -> np.ndarray:
+    """``K(a, b)`` as a Fortran-ordered numpy array (LAPACK's right-hand-side layout)."""
+    return np.asfortranarray(cov.matern52(a, b, ls))
+
+
+def _same_points(x: np.ndarray, inducing: np.ndarray) -> bool:
+    return x.shape == inducing.shape and np.array_equal(x, inducing)
+
+
+def _noise_matrix(aat: np.ndarray, sigma2: float) -> np.ndarray:
+    """``I + A Aᵀ / σ²``."""
+    out = aat / sigma2
+    out[np.diag_indices_from(out)] += 1.0
+    return out
+
+
+def _shifted_kernel(x: np.ndarray, ls: float, shift: float) -> np.ndarray:
+    """``K_XX + shift I`` as a writable numpy array."""
+    k = np.array(cov.matern52(x, x, ls))
+    k[np.diag_indices_from(k)] += shift
+    return k

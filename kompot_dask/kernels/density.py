@@ -11,6 +11,8 @@ is a per-chunk term of ``Phi`` summed over chunks:
 
 with ``e = exp(f + V)`` and the factor block ``L_c = Phi_c T`` formed per chunk by a
 triangular solve (never for all cells at once). Combining the sums is landmark-sized.
+The per-chunk terms that only multiply stored blocks, the ridge system and the predictive
+variances run on numpy factors (``estimators._density_terms``, :mod:`.posterior`).
 """
 
 from __future__ import annotations
@@ -21,20 +23,13 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from .covariance import matern52, matern52_diag
+from .covariance import matern52
 
 __all__ = [
     "chunk_loglik_grad",
     "cells_loglik_grad",
-    "chunk_intensity",
-    "chunk_gram_rhs",
-    "landmark_factor_block",
-    "chunk_weighted_sq_colsum",
-    "ridge_factor",
-    "ridge_solve",
     "laplace_std",
     "predict_log_density",
-    "predict_variances",
     "predict_covariance",
     "predict_mean_covariance",
 ]
@@ -90,46 +85,9 @@ def cells_loglik_grad(xc, inducing, ls, w, mu, v, vd, sub_rows=SUB_ROWS):
     return loglik, grad
 
 
-@jax.jit
-def chunk_intensity(phi, w, mu, v):
-    """``exp(f + V)`` at the cells of one chunk (the Hessian weights)."""
-    return jnp.exp(phi @ w + mu + v)
-
-
-@jax.jit
-def chunk_gram_rhs(phi, t):
-    """``(Phi^T Phi, Phi^T t)`` of one chunk (ridge regression statistics)."""
-    return phi.T @ phi, phi.T @ t
-
-
-@jax.jit
-def landmark_factor_block(xc, inducing, lp, ls):
-    """Rows of ``L = K_XU Lp^-T`` for one chunk of cells (c x M)."""
-    return solve_triangular(lp, matern52(inducing, xc, ls), lower=True).T
-
-
-@jax.jit
-def chunk_weighted_sq_colsum(phi, weights):
-    """``(Phi**2)^T weights`` of one chunk."""
-    return (phi * phi).T @ weights
-
-
 def loss_value(z, loglik_sum):
     """``0.5 |z|^2 + (m/2) ln 2 pi - loglik``: the negative log posterior of SPEC §2.4."""
     return 0.5 * float(jnp.dot(z, z)) + 0.5 * z.shape[0] * _LOG_2PI - float(loglik_sum)
-
-
-@jax.jit
-def ridge_factor(gram):
-    """``chol(gram + I)`` (lower): the ridge system of §2.5, ``I + L^T L``."""
-    return jnp.linalg.cholesky(gram + jnp.eye(gram.shape[0], dtype=gram.dtype))
-
-
-@jax.jit
-def ridge_solve(factor, rhs):
-    """``(gram + I)^-1 rhs`` from ``factor = ridge_factor(gram)``: the ridge (penalty 1, no
-    intercept) initial value of §2.5."""
-    return solve_triangular(factor.T, solve_triangular(factor, rhs, lower=True), lower=False)
 
 
 @jax.jit
@@ -142,14 +100,6 @@ def laplace_std(hessian_data_diag):
 def predict_log_density(xq, inducing, weights, mu, ls):
     """Unnormalised log density ``mu + K_{x Z} Lp^-T z`` at query cells."""
     return mu + matern52(xq, inducing, ls) @ weights
-
-
-@jax.jit
-def predict_variances(xq, inducing, lp, s, ls):
-    """Diagonal ``covariance`` and ``mean_covariance`` at query cells (SPEC §2.8)."""
-    b = solve_triangular(lp, matern52(inducing, xq, ls), lower=True)
-    b2 = b * b
-    return matern52_diag(xq, ls) - jnp.sum(b2, axis=0), (s * s) @ b2
 
 
 @jax.jit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 from .covariance import matern52
@@ -31,8 +32,13 @@ def solve_upper_t(lower: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def checked(factor: jax.Array, what: str) -> jax.Array:
-    """Raise a clear error when a Cholesky factor came back with NaNs (not positive definite)."""
-    if not bool(jnp.all(jnp.isfinite(factor))):
+    """Raise a clear error when a Cholesky factor came back with NaNs (not positive definite).
+
+    JAX returns a failed factorisation as all NaN, and a NaN anywhere in the input reaches
+    the diagonal, so only the diagonal is read back (O(m), not an m×m host copy). Reading
+    it waits for the factorisation itself, which every caller needs next anyway.
+    """
+    if not bool(np.all(np.isfinite(np.asarray(jnp.diagonal(factor))))):
         msg = (
             f"the Cholesky factorisation of {what} failed (matrix not positive definite); "
             "increase `jitter`, or check for duplicated landmarks and a length scale that is "

@@ -28,6 +28,7 @@ import scipy.stats
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 from .._jax import with_x64
+from . import posterior
 
 __all__ = [
     "BRANCH_WOODBURY", "BRANCH_DENSE", "BRANCH_DIAGONAL", "BRANCH_SHARED", "BRANCH_FACTOR_TRICK",
@@ -63,15 +64,19 @@ class MahalanobisResult(NamedTuple):
     branch: str
 
 
-@jax.jit
-def _cholesky_jitter(sigma, eps):
-    return jnp.linalg.cholesky(sigma + eps * jnp.eye(sigma.shape[0], dtype=sigma.dtype))
+def _cholesky_jitter(sigma: np.ndarray, eps: float) -> np.ndarray:
+    """``chol(Σ + eps I)`` in LAPACK; all NaN when it fails (JAX's convention, kept)."""
+    a = np.array(sigma, dtype=np.float64)
+    a[np.diag_indices_from(a)] += eps
+    try:
+        return np.linalg.cholesky(a)
+    except np.linalg.LinAlgError:
+        return np.full_like(a, np.nan)
 
 
-@jax.jit
-def _shared(lower, delta):
-    z = solve_triangular(lower, delta, lower=True)
-    return jnp.sqrt(jnp.sum(z * z, axis=0))
+def _shared(lower: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    z = posterior.solve_lower(lower, np.asfortranarray(delta))
+    return np.sqrt(posterior.column_sq_norms(z))
 
 
 @jax.jit
@@ -158,11 +163,11 @@ def shared_cholesky(sigma, eps: float) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        ``(p, p)``; all ``NaN`` when ``Σ + eps I`` is not positive definite (as JAX
-        returns it) — test with :func:`cholesky_failed`.
+        ``(p, p)``; all ``NaN`` when ``Σ + eps I`` is not positive definite (the
+        convention of the reference's JAX) — test with :func:`cholesky_failed`.
     """
     sigma = _as_f64(sigma, "sigma", 2)
-    return np.asarray(_cholesky_jitter(jnp.asarray(sigma), float(eps)))
+    return _cholesky_jitter(sigma, float(eps))
 
 
 def cholesky_failed(lower) -> bool:
@@ -185,7 +190,7 @@ def mahalanobis_shared(lower, delta) -> np.ndarray:
         ``(G,)`` distances.
     """
     delta, lower, _, _ = _check(delta, lower, "lower")
-    return np.asarray(_shared(jnp.asarray(lower), jnp.asarray(delta)))
+    return _shared(lower, delta)
 
 
 @with_x64

@@ -1,0 +1,296 @@
+"""Per-stage arithmetic efficiency of DA and DE at Kompot's defaults, next to a GEMM rate.
+
+    python benchmarks/stages.py --cells 5000 --genes 2000
+    python benchmarks/stages.py --cells N --genes G [--landmarks 5000] [--null-genes 2000]
+                                [--batch-size 100] [--dims 10] [--samples 3]
+                                [--stages fit,impute,variance,sigma,mahalanobis,da] [--de-total]
+                                [--json out.json]
+
+The atlas is :func:`kompot_dask.testing.simulate_atlas` (two conditions, no sample column).
+DE runs at ``de()``'s defaults: ``n_landmarks=5000`` shared k-means landmarks (all cells
+when there are at most that many), ``sigma=1``, ``ls_factor=10``, ``batch_size=100``,
+2,000 permuted null genes, Mahalanobis at the landmarks. DA runs at ``da()``'s defaults:
+no landmarks, so a full GP per condition (``n <= 5000``), ``d_method="fractal"``.
+
+Each stage is timed on its own, in the order the engine runs them:
+
+========== ==================================================================
+fit        ``FunctionEstimator.fit`` of both conditions (real + null genes)
+impute     posterior mean of the real genes at every cell, ``batch_size`` cells at a time
+variance   posterior variance at every cell, ``batch_size`` cells at a time (both conditions)
+sigma      ``Σ1 + Σ2`` at the landmarks (full covariance)
+mahalanobis means at the landmarks (all genes), ``chol(Σ + eps I)`` and the distances
+da         ``DifferentialAbundance().fit`` + ``predict`` at every cell
+========== ==================================================================
+
+For each stage the script prints its floating-point operation count (:func:`stage_flops`,
+the formulas below, counted as the algorithm the engine runs now performs them), the
+seconds, the achieved rate and its fraction of a numpy float64 GEMM measured in the same run
+(``--gemm-size`` square matrices, best of three, before and after the stages). A
+triangular solve ``L⁻¹B`` (``L`` m×m, ``B`` m×k) counts ``m² k``, a product of an m×k and a
+k×n matrix ``2 m k n``, ``A Aᵀ`` (A m×k) ``m² k``, a Cholesky ``m³/3``, a triangular inverse
+``m³/3``. Kernel evaluations count ``2 D`` per entry (the distance GEMM); their
+exponentials are not counted. The last line is JSON.
+
+Timings share the machine with whatever else runs: the load average is printed with them,
+and each stage's process CPU time (all threads) next to its wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+STAGES = ("fit", "impute", "variance", "sigma", "mahalanobis", "da")
+
+
+# ----------------------------------------------------------------------------- machine
+def gemm_rate(size: int, repeats: int = 3) -> float:
+    """Best-of-``repeats`` numpy float64 ``size``×``size`` matmul rate, GFLOP/s."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((size, size)), rng.standard_normal((size, size))
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best / 1e9
+
+
+def machine() -> dict:
+    """Cores, memory, CPU model and load of this machine."""
+    import psutil
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+# ------------------------------------------------------------------------------- flops
+def stage_flops(stage: str, s: dict) -> float:
+    """FLOP count of ``stage`` for the sizes in ``s`` (see the module docstring).
+
+    ``s`` holds ``n1``, ``n2`` (cells per condition), ``n`` (query cells), ``m``
+    (landmarks), ``g`` (real genes), ``ga`` (real + null genes), ``d`` (dimensions) and,
+    for ``da``, ``nfev1``, ``nfev2`` (objective evaluations of each density fit).
+    """
+    n1, n2, n, m, g, ga, d = (s[k] for k in ("n1", "n2", "n", "m", "g", "ga", "d"))
+    if stage == "fit":
+        # once: chol(K_UU + jI), shared by the conditions; per condition: kernel, A = Lp⁻¹K_UX,
+        # A Aᵀ, A R, chol(B), weights w = Lp⁻ᵀ LB⁻ᵀ LB⁻¹ (A R) (three solves)
+        per = lambda c: 2 * m * c * d + m * m * c + m * m * c + 2 * m * c * ga + m**3 / 3 + 3 * m * m * ga
+        return m**3 / 3 + 2 * m * m * d + per(n1) + per(n2)
+    if stage == "impute":
+        return 2 * (2 * n * m * d + 2 * n * m * g)
+    if stage == "variance":
+        # per block: the kernel and A = Lp⁻¹k once (both conditions share Lp), then LB⁻¹A per
+        # condition (the code before this benchmark solved both per condition: 4 m² n)
+        return 2 * n * m * d + 3 * m * m * n
+    if stage == "sigma":
+        # Lp⁻¹ (a solve against I) and DᵀD, D = j Lp⁻¹, once (K_UU − AᵀA = jI − DᵀD); then per
+        # condition C = LB⁻¹ (Lpᵀ − D) and CᵀC (before: two solves and two products per
+        # condition, 12 m³ as run)
+        return m**3 + m**3 + 2 * (m**3 + m**3)
+    if stage == "mahalanobis":
+        return 2 * (2 * m * m * ga) + m**3 / 3 + m * m * ga
+    if stage == "da":
+        def density(c, nfev):
+            return (c**3 / 3 + 2 * c * c * d  # chol(K + jI)
+                    + c**3 + c**3 / 3 + 2 * c * c  # ridge: LᵀL, chol, solves
+                    + nfev * 4 * c * c + 4 * c * c  # objective evaluations, Laplace diagonal
+                    + 2 * n * c * d + 2 * n * c + c * c * n + 2 * c * n)  # predict: kernel, mean, variances
+        return density(n1, s.get("nfev1", 0)) + density(n2, s.get("nfev2", 0))
+    raise ValueError(stage)
+
+
+# ------------------------------------------------------------------------------ stages
+class Inputs:
+    """The atlas split by condition, null genes appended, landmarks and length scale."""
+
+    def __init__(self, cells: int, genes: int, null_genes: int, landmarks: int, dims: int, samples: int,
+                 seed: int):
+        from kompot_dask.differential._expression_model import expression_length_scale
+        from kompot_dask.differential._null_genes import draw_null_genes
+        from kompot_dask.estimators._landmarks import compute_landmarks
+        from kompot_dask.estimators._neighbors import nn_distances
+        from kompot_dask.testing import simulate_atlas
+
+        atlas = simulate_atlas(n_cells=cells, n_genes=genes, n_samples=samples, dims=dims, seed=seed)
+        first = atlas.condition == atlas.condition[0]
+        self.x1, self.x2 = atlas.x[first], atlas.x[~first]
+        y = np.asarray(atlas.y, dtype=np.float64)
+        self.y1, self.y2 = y[first], y[~first]
+        self.x = np.vstack([self.x1, self.x2])
+        self.genes = genes
+        if null_genes:
+            null = draw_null_genes(self.y1, self.y2, null_genes, 42)
+            self.y1 = np.hstack([self.y1, null.condition1])
+            self.y2 = np.hstack([self.y2, null.condition2])
+        t0 = time.perf_counter()
+        self.landmarks = compute_landmarks(self.x, "fixed", landmarks, 0)
+        self.landmark_seconds = time.perf_counter() - t0
+        self.ls = expression_length_scale(nn_distances(self.x1, float32=True), 10.0, True, "x1")
+
+    def sizes(self) -> dict:
+        return {"n1": len(self.x1), "n2": len(self.x2), "n": len(self.x), "m": len(self.landmarks),
+                "g": self.genes, "ga": self.y1.shape[1], "d": self.x.shape[1]}
+
+
+def batches(n: int, size: int) -> list[slice]:
+    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def run_stages(inp: Inputs, wanted: list[str], batch_size: int) -> tuple[dict, dict]:
+    """Time the stages in ``wanted``; return ``(seconds, extra)``.
+
+    ``extra`` holds the process CPU seconds of each stage (all threads: on a busy machine
+    they show the work done where the wall time also shows the waiting) and the sizes
+    only known after a stage (density objective evaluations).
+    """
+    from kompot_dask._jax import x64
+    from kompot_dask.estimators import FunctionEstimator
+    from kompot_dask.kernels import mahalanobis as mk
+
+    seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    extra: dict[str, Any] = {"cpu_seconds": cpu}
+    state: dict[str, Any] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = fn()
+        seconds[name] = time.perf_counter() - t0
+        cpu[name] = time.process_time() - c0
+        print(f"  {name:<12s} {seconds[name]:9.2f} s  (cpu {cpu[name]:.1f} s)", flush=True)
+        return out
+
+    de_needed = [s for s in wanted if s != "da"]
+    if de_needed:
+        kwargs = dict(landmarks=inp.landmarks, gp_type="fixed", ls=inp.ls, sigma=1.0, predictor_with_uncertainty=True)
+        p1, p2 = timed("fit", lambda: tuple(FunctionEstimator(**kwargs).fit(x, y).predict
+                                            for x, y in ((inp.x1, inp.y1), (inp.x2, inp.y2))))
+        cells = batches(len(inp.x), batch_size)
+        genes = slice(0, inp.genes)
+        if "impute" in wanted:
+            timed("impute", lambda: [p(inp.x[sl], genes=genes) for sl in cells for p in (p1, p2)])
+        if "variance" in wanted:
+            timed("variance", lambda: [p.covariance(inp.x[sl], diag=True) for sl in cells for p in (p1, p2)])
+        if "sigma" in wanted or "mahalanobis" in wanted:
+            state["sigma"] = timed("sigma", lambda: p1.covariance(inp.landmarks, diag=False)
+                                   + p2.covariance(inp.landmarks, diag=False))
+        if "mahalanobis" in wanted:
+            def mahalanobis():
+                with x64():
+                    delta = p2(inp.landmarks) - p1(inp.landmarks)
+                    return mk.mahalanobis_distances(delta, state["sigma"], 1e-8)
+            result = timed("mahalanobis", mahalanobis)
+            extra["mahalanobis_branch"] = result.branch
+    if "da" in wanted:
+        from kompot_dask import DifferentialAbundance
+
+        def da():
+            model = DifferentialAbundance().fit(inp.x1, inp.x2)
+            model.predict(inp.x)
+            return model
+
+        model = timed("da", da)
+        extra["nfev1"] = int(model.density_estimator1.optimizer_result.nfev)
+        extra["nfev2"] = int(model.density_estimator2.optimizer_result.nfev)
+    return seconds, extra
+
+
+def de_total(inp: Inputs, null_genes: int, landmarks: int, batch_size: int) -> float:
+    """Wall time of the real ``DifferentialExpression`` fit + predict with Mahalanobis."""
+    from kompot_dask import DifferentialExpression
+
+    t0 = time.perf_counter()
+    model = DifferentialExpression(n_landmarks=landmarks, batch_size=batch_size, null_genes=null_genes or None,
+                                   random_state=0)
+    model.fit(inp.x1, inp.y1[:, :inp.genes], inp.x2, inp.y2[:, :inp.genes], landmarks=inp.landmarks)
+    model.predict(inp.x, compute_mahalanobis=True)
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------ report
+def report(seconds: dict, cpu: dict, sizes: dict, gemm: float) -> list[dict]:
+    rows = []
+    print(f"\n{'stage':<12s} {'GFLOP':>10s} {'seconds':>9s} {'cpu s':>8s} {'GFLOP/s':>9s} {'% GEMM':>7s}")
+    for name, sec in seconds.items():
+        if name not in STAGES:
+            continue
+        flop = stage_flops(name, sizes)
+        rate = flop / sec / 1e9
+        rows.append({"stage": name, "gflop": flop / 1e9, "seconds": sec, "cpu_seconds": cpu.get(name),
+                     "gflops": rate, "pct_gemm": 100 * rate / gemm})
+        print(f"{name:<12s} {flop / 1e9:10.1f} {sec:9.2f} {cpu.get(name, float('nan')):8.1f} {rate:9.2f} "
+              f"{100 * rate / gemm:6.1f}%")
+    total = sum(r["seconds"] for r in rows)
+    print(f"{'total':<12s} {sum(r['gflop'] for r in rows):10.1f} {total:9.2f}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cells", type=int, default=5000)
+    ap.add_argument("--genes", type=int, default=2000)
+    ap.add_argument("--null-genes", type=int, default=2000)
+    ap.add_argument("--landmarks", type=int, default=5000)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--dims", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gemm-size", type=int, default=4000)
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--de-total", action="store_true", help="also time DifferentialExpression fit + predict")
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args(argv)
+    wanted = [s for s in args.stages.split(",") if s]
+    unknown = set(wanted) - set(STAGES)
+    if unknown:
+        ap.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+
+    info = machine()
+    print(f"machine: {info}")
+    gemm_before = gemm_rate(args.gemm_size)
+    print(f"numpy float64 GEMM {args.gemm_size}²: {gemm_before:.1f} GFLOP/s")
+    inp = Inputs(args.cells, args.genes, args.null_genes, args.landmarks, args.dims, args.samples, args.seed)
+    sizes = inp.sizes()
+    print(f"sizes: {sizes}, ls={inp.ls:.4g}, batch_size={args.batch_size}, landmarks in {inp.landmark_seconds:.1f} s")
+    seconds, extra = run_stages(inp, wanted, args.batch_size)
+    sizes.update({k: v for k, v in extra.items() if k.startswith("nfev")})
+    if args.de_total:
+        seconds["de_total"] = de_total(inp, args.null_genes, args.landmarks, args.batch_size)
+        print(f"  {'de_total':<12s} {seconds['de_total']:9.2f} s")
+    gemm_after = gemm_rate(args.gemm_size)
+    gemm = max(gemm_before, gemm_after)
+    print(f"numpy float64 GEMM after the stages: {gemm_after:.1f} GFLOP/s; rates below are against {gemm:.1f}")
+    rows = report(seconds, extra.get("cpu_seconds", {}), sizes, gemm)
+    info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    out = {"machine": info, "gemm_gflops": [gemm_before, gemm_after], "sizes": sizes, "batch_size": args.batch_size,
+           "stages": rows, "seconds": seconds, "extra": extra}
+    line = json.dumps(out)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(line + "\n")
+    print(line)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Landmark-sized results that fitted function models of one process share (never pickled).
+
+Both conditions of a differential-expression run, and every per-sample model of its sample
+variance, use the same landmarks, length scale and jitter, hence the same
+``Lp = chol(K_UU + jI)`` (SPEC §3.3) — and, given ``Lp``, the same projection
+``A = Lp⁻¹ K_{U x}`` of any cells and the same model-independent part of the covariance at
+the landmarks. Computing them once instead of once per model is exact (the same numbers).
+
+* :func:`prior_factor`: ``Lp``, looked up by the content of the landmarks and ``(ls, jitter)``;
+  models fitted in this process while an earlier ``Lp`` is alive get that very array.
+* :func:`cell_projection`: ``A`` and ``k** − ‖A‖²`` of the last block of cells asked for on
+  a given ``Lp`` (one entry per thread, up to one block of M × cells: condition 2 asks for
+  the block condition 1 just did).
+* :func:`inducing_terms`: :func:`~kompot_dask.kernels.posterior.inducing_shared` of the last
+  ``Lp`` asked for (one entry per process, dropped with its ``Lp``).
+
+Entries refer to their ``Lp`` weakly: nothing here keeps a model's arrays alive, except the
+last :func:`inducing_terms` result (two M×M arrays) while its ``Lp`` lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import weakref
+from typing import Any, Callable
+
+import numpy as np
+
+from ..kernels import covariance as cov
+from ..kernels import posterior as post
+
+__all__ = ["prior_factor", "cell_projection", "inducing_terms", "digest"]
+
+_LOCK = threading.Lock()
+_PRIORS: dict[tuple, weakref.ref] = {}
+_LOCAL = threading.local()
+_INDUCING: dict[str, Any] = {}
+
+
+def digest(arr: np.ndarray) -> tuple:
+    """Content key of an array: shape, dtype and a 128-bit BLAKE2 digest of its bytes."""
+    a = np.ascontiguousarray(arr)
+    return a.shape, a.dtype.str, hashlib.blake2b(a.view(np.uint8).reshape(-1), digest_size=16).hexdigest()
+
+
+def prior_factor(inducing: np.ndarray, ls: float, jitter: float, what: str = "K_UU + jitter*I") -> np.ndarray:
+    """``Lp = chol(K_UU + jitter I)`` of the Matérn-5/2 kernel on ``inducing`` (shared, do not modify).
+
+    ``what`` names the matrix in the error raised when it is not positive definite.
+
+    Raises
+    ------
+    kompot_dask.kernels.posterior.FactorError
+        When ``K_UU + jitter I`` is not positive definite.
+    """
+    key = (digest(inducing), float(ls), float(jitter))
+    with _LOCK:
+        ref = _PRIORS.get(key)
+        lp = None if ref is None else ref()
+    if lp is not None:
+        return lp
+    k = np.array(cov.matern52(inducing, inducing, ls))
+    k[np.diag_indices_from(k)] += jitter
+    lp = post.cholesky_lower(k, what)
+    lp.setflags(write=False)  # shared by every model fitted on these landmarks
+    with _LOCK:
+        _PRIORS[key] = weakref.ref(lp, _dropper(_PRIORS, key))
+    return lp
+
+
+def _dropper(table: dict, key: Any) -> Callable[[weakref.ref], None]:
+    def drop(ref: weakref.ref) -> None:
+        with _LOCK:
+            if table.get(key) is ref:
+                del table[key]
+
+    return drop
+
+
+def cell_projection(x: np.ndarray, inducing: np.ndarray, lp: np.ndarray, ls: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, k** − ‖A‖²)`` with ``A = Lp⁻¹ K_{U x}`` (M × n) for the cells ``x``.
+
+    The last result of this thread is reused when the same cells are asked for on the same
+    ``Lp`` (the second condition of a block); the caller must not modify it.
+    """
+    key = (id(lp), digest(x), float(ls))
+    last = getattr(_LOCAL, "last", None)
+    if last is not None and last[0] == key and last[1]() is lp:
+        return last[2]
+    a = post.solve_lower(lp, np.asfortranarray(cov.matern52(inducing, x, ls)))
+    base = np.asarray(cov.matern52_diag(x, ls)) - post.column_sq_norms(a)
+    a.setflags(write=False)
+    base.setflags(write=False)
+    _LOCAL.last = (key, weakref.ref(lp), (a, base))
+    return a, base
+
+
+def inducing_terms(lp: np.ndarray, jitter: float) -> post.InducingShared:
+    """:func:`~kompot_dask.kernels.posterior.inducing_shared` of ``lp``, computed once per ``Lp``."""
+    key = (id(lp), float(jitter))
+    with _LOCK:
+        last = _INDUCING.get("last")
+        if last is not None and last[0] == key and last[1]() is lp:
+            return last[2]
+    terms = post.inducing_shared(lp, jitter)
+    for arr in terms:
+        arr.setflags(write=False)
+    with _LOCK:
+        _INDUCING["last"] = (key, weakref.ref(lp), terms)
+    weakref.finalize(lp, _forget_inducing, key)
+    return terms
+
+
+def _forget_inducing(key: tuple) -> None:
+    with _LOCK:
+        last = _INDUCING.get("last")
+        if last is not None and last[0] == key:
+            del _INDUCING["last"]
