@@ -133,11 +133,7 @@ def test_injected_predictors_reproduce(case, fitted):
 
 def test_batches_do_not_change_results(case, fitted):
     model, out = fitted["sv"]
-    model.batch_size = 333
-    try:
-        again = model.predict(case["in_X_predict"])
-    finally:
-        model.batch_size = None
+    again = model.predict(case["in_X_predict"], cell_chunk=333)
     for key in ("log_fold_change", "log_fold_change_zscore", "neg_log10_fold_change_ptp"):
         assert_close(again[key], out[key], atol=1e-12, rtol=1e-12, what=key)
 

@@ -108,3 +108,25 @@ def test_nn_distances_independent_of_chunks_and_query_order(density_full, chunk)
     with kd.set_options(cell_chunk_size=len(x)):
         np.testing.assert_array_equal(got32, nn_distances(x, float32=True))
     assert_close(got32[3:-3], density_full["out_nn_distances"][3:], rtol=2e-7, what="float32 as the reference")
+
+
+def test_in_memory_blocks_take_batch_size_as_a_lower_bound():
+    """Kompot's ``batch_size=100`` does not cut the products into 100-row slivers: an
+    in-memory prediction takes at least ``batch_size`` cells per block and as many as one
+    ``chunk_memory_bytes`` block holds; ``cell_chunk`` is taken as given."""
+    from types import SimpleNamespace
+
+    from kompot_dask.differential._runs import memory_blocks
+
+    def predictor(m):
+        return SimpleNamespace(state=SimpleNamespace(inducing=np.zeros((m, 3))))
+
+    variance = SimpleNamespace(n_groups=3)
+    with kd.set_options(chunk_memory_bytes=8 * 5000 * 400):  # 400 rows of 5000 float64 columns
+        sizes = [b.stop - b.start for b in memory_blocks(1000, 100, None, (predictor(5000),))]
+        assert sizes == [400, 400, 200]
+        assert [b.stop - b.start for b in memory_blocks(1000, 700, None, (predictor(5000),))] == [700, 300]
+        # genes x (1 + samples) wider than the landmarks: 5000 * 400 / (2000 * 4) = 250 rows
+        sizes = [b.stop - b.start for b in memory_blocks(1000, 100, None, (predictor(500),), (variance,), 2000)]
+        assert sizes == [256] * 3 + [232]  # cell_chunk_rows' floor of 256 rows
+        assert [b.stop - b.start for b in memory_blocks(1000, 100, 37, (predictor(5000),))][:2] == [37, 37]

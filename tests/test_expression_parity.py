@@ -89,12 +89,8 @@ def test_gene_and_cell_batches_do_not_change_results(case, fitted):
     import kompot_dask
 
     model, out = fitted["sv"]
-    model.batch_size = 37
-    try:
-        with kompot_dask.set_options(gene_batch_size=7):
-            again = model.predict(case["in_X_predict"])
-    finally:
-        model.batch_size = 500
+    with kompot_dask.set_options(gene_batch_size=7):
+        again = model.predict(case["in_X_predict"], cell_chunk=37)
     for key in ("condition1_imputed", "condition2_std", "fold_change_zscores", "mean_log_fold_change"):
         assert_close(again[key], out[key], atol=1e-12, rtol=1e-12, what=key)
 

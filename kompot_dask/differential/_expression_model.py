@@ -7,11 +7,12 @@ from typing import Any
 import numpy as np
 
 from ..estimators import FunctionEstimator
+from ..estimators.function import FunctionPredictor
 from ..estimators._inputs import read_rows, take_rows
 from ..kernels import function as fk
 from ._variance import variance_diag
 
-__all__ = ["ConditionModel", "expression_length_scale", "fit_empirical_variance"]
+__all__ = ["ConditionModel", "expression_length_scale", "fit_empirical_variance", "mean_difference"]
 
 
 def expression_length_scale(nn: np.ndarray, ls_factor: float, float32: bool, name: str) -> float:
@@ -99,6 +100,25 @@ class ConditionModel:
         """``covariance_diag[:, None] + obs_variance + sample_variance``: (n, 1) or (n, G)."""
         cov = self.covariance(x, diag=True) if cov_diag is None else cov_diag
         return cov[:, None] + self.obs_variance(x, genes) + self.sample_variance(x, genes)
+
+
+def mean_difference(m1: ConditionModel, m2: ConditionModel, x: np.ndarray, genes: Any = None) -> np.ndarray:
+    """``μ2(x) − μ1(x)`` (n, G).
+
+    When both conditions are landmark GPs on the same landmarks and length scale (DE's
+    shared landmarks), ``K_xU w2 − K_xU w1 = K_xU (w2 − w1)``: one product instead of two,
+    which at the Mahalanobis evaluation points (``x`` = the M landmarks) halves the
+    ``2 M² G`` of the means. Otherwise each mean is predicted and subtracted.
+    """
+    p1, p2 = m1.function_predictor, m2.function_predictor
+    if isinstance(p1, FunctionPredictor) and isinstance(p2, FunctionPredictor):
+        s1, s2 = p1.state, p2.state
+        shared = (s1.lb is not None and s2.lb is not None and s1.ls == s2.ls
+                  and (s1.inducing is s2.inducing or np.array_equal(s1.inducing, s2.inducing)))
+        if shared:
+            w1, w2 = (s.weights if genes is None else s.weights[:, genes] for s in (s1, s2))
+            return p2.predict_with(x, w2 - w1, s2.mu - s1.mu, keep_columns=True)
+    return m2.mean(x, genes) - m1.mean(x, genes)
 
 
 def fit_empirical_variance(x: np.ndarray, y: Any, labels: np.ndarray | None, kwargs: dict):

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from ..estimators._inputs import check_count
-from ..execution.plan import memory_target, model_bytes, plan_blocks, row_slices
+from ..execution.plan import cell_chunk_rows, memory_target, model_bytes, plan_blocks, row_slices
 from ..io.results import MemorySink, ZarrSink, fingerprint, open_results
 
-__all__ = ["check_run_arguments", "open_sink", "planned_blocks", "model_token", "finish_run"]
+__all__ = ["check_run_arguments", "open_sink", "planned_blocks", "memory_blocks", "model_token", "finish_run"]
 
 DTYPES = ("float64", "float32")
 
@@ -85,6 +85,22 @@ def planned_blocks(n_cells: int, n_genes: int, model: Any, predictors: tuple, va
                            memory_target(client))
         cell_chunk, gene_batch = cell_chunk or plan.cell_chunk, gene_batch or plan.gene_batch
     return row_slices(n_cells, 1, chunk_rows=min(cell_chunk, n_cells)), min(gene_batch, max(n_genes, 1))
+
+
+def memory_blocks(n_cells: int, batch_size: int | None, cell_chunk: int | None, predictors: tuple,
+                  variances: tuple = (), n_genes: int = 1) -> list[slice]:
+    """Cell blocks of an in-memory prediction.
+
+    ``cell_chunk`` if given; else at least ``batch_size`` cells (Kompot's memory knob), and
+    as many more as one block of ``chunk_memory_bytes`` (the option) holds for the widest
+    per-cell array: cells × landmarks, or cells × genes × (1 + samples). Kompot's default
+    ``batch_size=100`` would otherwise cut the products into 100-row slivers that run at a
+    fraction of the machine's matrix rate; the results do not depend on the block size.
+    """
+    if cell_chunk is None:
+        width = max(n_inducing(*predictors), n_genes * (1 + n_samples(*variances)))
+        cell_chunk = max(batch_size or 1, cell_chunk_rows(width))
+    return row_slices(n_cells, 1, chunk_rows=min(cell_chunk, max(n_cells, 1)))
 
 
 def open_sink(store: Any, token: str, meta: dict, overwrite: bool):

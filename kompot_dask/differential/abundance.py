@@ -9,7 +9,6 @@ import numpy as np
 from .._jax import with_x64
 from ..estimators import DensityEstimator
 from ..estimators._inputs import as_cell_states, check_count, check_landmarks
-from ..execution.plan import row_slices
 from ..estimators._landmarks import compute_landmarks
 from ..estimators._neighbors import nn_distances
 from ..kernels import density_params as dp
@@ -25,7 +24,7 @@ from ._checks import (
 )
 from . import pipeline
 from ._blocks import ABUNDANCE_KEYS
-from ._runs import check_run_arguments, finish_run, model_token, open_sink, planned_blocks
+from ._runs import check_run_arguments, finish_run, memory_blocks, model_token, open_sink, planned_blocks
 from ._variance import check_sample_counts, fit_sample_variances
 from .sample_variance import SampleVarianceEstimator
 
@@ -59,7 +58,8 @@ class DifferentialAbundance:
     random_state : int, optional
         Seed of the shared k-means landmarks (``None``: not reproducible, as Kompot).
     batch_size : int, optional
-        Cells per prediction batch (``None``: chosen from the memory options).
+        Fewest cells per in-memory prediction block (``None``: chosen from the memory
+        options); blocks take more cells up to the ``chunk_memory_bytes`` option.
 
     Attributes
     ----------
@@ -277,7 +277,8 @@ class DifferentialAbundance:
             Client or scheduler address of a store-backed run (default: the active
             client, else this process).
         cell_chunk : int, optional
-            Cells per task (default: ``batch_size`` in memory, else planned from the
+            Cells per task (default in memory: at least ``batch_size``, more up to the
+            ``chunk_memory_bytes`` option; with a store, planned from the
             ``worker_memory_target`` option or the workers' memory limit).
         dtype : {"float64", "float32"}
             Type of the results.
@@ -320,7 +321,7 @@ class DifferentialAbundance:
                                         self.eps)
         token, client = None, None if store is None else resolve_client(client)
         if store is None:
-            cells = row_slices(len(x), 1, chunk_rows=args["cell_chunk"] or self.batch_size or len(x))
+            cells = memory_blocks(len(x), self.batch_size, args["cell_chunk"], model[:2], model[2:4])
         else:
             cells, _ = planned_blocks(len(x), 1, model, model[:2], model[2:4], client, args["cell_chunk"], 1)
             token = fingerprint(x, cells[0].stop, args["dtype"], lfc_thr, ptp_thr, self.eps, model_token(*model[:4]))

@@ -9,7 +9,6 @@ import numpy as np
 from .._jax import with_x64
 from ..estimators import FunctionEstimator
 from ..estimators._inputs import as_cell_states, as_expression, check_count, check_landmarks
-from ..execution.plan import row_slices
 from ..estimators._landmarks import compute_landmarks
 from ..estimators._neighbors import nn_distances
 from ..fdr import compute_fdr
@@ -18,7 +17,7 @@ from ..io.results import fingerprint
 from ..options import get_options
 from . import pipeline
 from ._blocks import EXPRESSION_KEYS, STD_KEYS
-from ._runs import check_run_arguments, model_token, open_sink, planned_blocks, finish_run
+from ._runs import check_run_arguments, finish_run, memory_blocks, model_token, open_sink, planned_blocks
 from ._checks import check_conditions, check_ptp_threshold, check_sample_labels, check_sample_variance_request
 from ._expression_model import ConditionModel, expression_length_scale, fit_empirical_variance
 from ._mahalanobis_inputs import evaluation_points
@@ -51,7 +50,10 @@ class DifferentialExpression:
     random_state : int, optional
         Seed of the shared k-means landmarks.
     batch_size : int, default 500
-        Cells per prediction batch.
+        Fewest cells per in-memory prediction block (Kompot's memory knob). Blocks take as
+        many more cells as the ``chunk_memory_bytes`` option allows, since small blocks run
+        the products far below the machine's matrix rate and the results do not depend on
+        the block size; pass ``cell_chunk`` to :meth:`predict` for exact blocks.
     store_arrays_on_disk : bool, optional
         Keep sample-variance factors in zarr under ``disk_storage_dir``.
     disk_storage_dir : str, optional
@@ -416,8 +418,9 @@ class DifferentialExpression:
             Client or scheduler address of a store-backed run (default: the active
             client, else this process).
         cell_chunk, gene_batch : int, optional
-            Block shape. Default in memory: ``batch_size`` cells and the
-            ``gene_batch_size`` option (else all genes); with a store, planned from the
+            Block shape. Default in memory: at least ``batch_size`` cells, more up to the
+            ``chunk_memory_bytes`` option, and the ``gene_batch_size`` option (else all
+            genes); with a store, planned from the
             ``worker_memory_target`` option or the workers' memory limit.
         dtype : {"float64", "float32"}
             Type of the cells × genes results.
@@ -451,8 +454,10 @@ class DifferentialExpression:
         token = None
         client = None if store is None else resolve_client(client)
         if store is None:
-            cells = row_slices(len(x), 1, chunk_rows=args["cell_chunk"] or self.batch_size)
             batch = args["gene_batch"] or get_options()["gene_batch_size"] or self._gene_count
+            cells = memory_blocks(len(x), self.batch_size, args["cell_chunk"],
+                                  (self.function_predictor1, self.function_predictor2),
+                                  (m1.variance_predictor, m2.variance_predictor), batch)
         else:
             cells, batch = planned_blocks(
                 len(x), self.n_genes, model, (self.function_predictor1, self.function_predictor2),

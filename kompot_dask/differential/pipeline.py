@@ -31,6 +31,7 @@ from ..fdr import compute_fdr
 from ..kernels import differential as dk
 from ..kernels import mahalanobis as mk
 from ._blocks import ABUNDANCE_KEYS, EXPRESSION_KEYS, STD_KEYS, abundance_block, expression_block
+from ._expression_model import mean_difference
 from ._mahalanobis_inputs import sample_factor
 
 __all__ = [
@@ -112,7 +113,7 @@ def mahalanobis_stage(model: ExpressionModel, points: np.ndarray, parts: SigmaPa
     m1, m2 = model.condition1, model.condition2
     with x64():
         if delta is None:
-            delta = m2.mean(points, genes) - m1.mean(points, genes)
+            delta = mean_difference(m1, m2, points, genes)
         n = delta.shape[1]
         q = sample_factor(m1.variance_predictor, m2.variance_predictor, points, n, genes)
         v = None

@@ -69,7 +69,16 @@ class FunctionPredictor(ChunkedPredictor):
     def __call__(self, x: Any, genes: Any = None) -> np.ndarray:
         st = self.state
         w = st.weights if genes is None else st.weights[:, genes]
-        return self._shaped(self._by_chunks(self._query(x), lambda xc: fk.predict_mean(xc, st.inducing, w, st.mu, st.ls)))
+        return self.predict_with(x, w, st.mu)
+
+    @with_x64
+    def predict_with(self, x: Any, weights: np.ndarray, mu: float, keep_columns: bool = False) -> np.ndarray:
+        """``mu + K_xZ weights`` on this predictor's inducing points and length scale
+        (``weights`` (m, k) need not be its own); (n, k), or (n,) for a vector target
+        unless ``keep_columns``."""
+        st = self.state
+        out = self._by_chunks(self._query(x), lambda xc: fk.predict_mean(xc, st.inducing, weights, mu, st.ls))
+        return out if keep_columns else self._shaped(out)
 
     @with_x64
     def covariance(self, x: Any, diag: bool = True) -> np.ndarray:
