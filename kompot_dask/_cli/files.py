@@ -38,32 +38,16 @@ def read_atlas(path: str) -> Any:
 def open_atlas(path: str) -> Any:
     """obs, var, obsm and uns of the AnnData at ``path`` (no ``X``, no layers): enough to
     check a run's names and plan it, for a run that reads the matrices lazily."""
-    import anndata
-    from anndata.io import read_elem
+    from ..io.anndata_zarr import read_parts
 
     source = pathlib.Path(path)
     if not source.exists():
         raise UsageError(f"input {path} does not exist")
-    kind = "an AnnData-zarr directory" if source.is_dir() else "an .h5ad file"
     try:
-        if source.is_dir():
-            import zarr
-
-            root = zarr.open_group(str(source), mode="r")
-            if root.attrs.get("encoding-type") != "anndata":
-                raise ValueError("no 'encoding-type: anndata' at its root")
-        else:
-            import h5py
-
-            root = h5py.File(source, "r")
-        try:
-            parts = {k: read_elem(root[k]) for k in ("obs", "var", "obsm", "uns") if k in root}
-        finally:
-            if not source.is_dir():
-                root.close()
-        return anndata.AnnData(**parts)
+        return read_parts(source, ("obs", "var", "obsm", "uns"))
     except Exception as err:  # noqa: BLE001 - whatever the reader says, the input is unusable
         detail = " ".join(str(err).split()) or type(err).__name__
+        kind = "an AnnData-zarr directory" if source.is_dir() else "an .h5ad file"
         raise UsageError(f"cannot read input {path} as {kind}: {detail}") from err
 
 

@@ -246,34 +246,20 @@ def _shell_of(source: Any) -> Any:
     """obs, var and uns of an atlas, in memory, without its matrices (the uns, for the
     landmarks of earlier runs, as Kompot reuses them)."""
     import anndata
-    from anndata.io import read_elem
+
+    from ..io.anndata_zarr import read_parts
 
     if isinstance(source, anndata.AnnData):
         return anndata.AnnData(obs=_memory(source.obs), var=_memory(source.var), uns=dict(source.uns))
-    if os.path.isdir(source):
-        from ..io.anndata_zarr import AnnDataZarr
-
-        return AnnDataZarr(source).shell()
-    import h5py
-
-    with h5py.File(source, "r") as f:
-        uns = read_elem(f["uns"]) if "uns" in f else {}
-        return anndata.AnnData(obs=read_elem(f["obs"]), var=read_elem(f["var"]), uns=dict(uns))
+    return read_parts(source)
 
 
 def _obsm_of(source: Any) -> dict:
     """The atlas's obsm (cells x a few dimensions each), for a new results store."""
     import anndata
-    from anndata.io import read_elem
+
+    from ..io.anndata_zarr import read_parts
 
     if isinstance(source, anndata.AnnData):
         return {k: np.asarray(v.compute() if hasattr(v, "compute") else v) for k, v in source.obsm.items()}
-    if os.path.isdir(source):
-        import zarr
-
-        root = zarr.open_group(source, mode="r", use_consolidated=False)
-        return dict(read_elem(root["obsm"])) if "obsm" in root else {}
-    import h5py
-
-    with h5py.File(source, "r") as f:
-        return dict(read_elem(f["obsm"])) if "obsm" in f else {}
+    return dict(read_parts(source, ("obs", "obsm")).obsm)

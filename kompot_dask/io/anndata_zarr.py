@@ -24,7 +24,7 @@ import uuid
 import warnings
 from typing import Any, Iterable
 
-__all__ = ["AnnDataZarr", "is_anndata_zarr"]
+__all__ = ["AnnDataZarr", "is_anndata_zarr", "read_parts"]
 
 ARRAY_ENCODING = {"encoding-type": "array", "encoding-version": "0.2.0"}
 
@@ -47,6 +47,36 @@ def is_anndata_zarr(path: Any) -> bool:
     """Whether ``path`` is a directory holding an AnnData written to zarr."""
     attrs = _root_attrs(os.fspath(path)) if os.path.isdir(path) else None
     return bool(attrs) and attrs.get("encoding-type") == "anndata"
+
+
+def read_parts(path: Any, elements: Iterable[str] = ("obs", "var", "uns")) -> Any:
+    """An in-memory AnnData holding only ``elements`` of the atlas at ``path`` (an
+    AnnData-zarr directory or an ``.h5ad`` file); its matrices are not read.
+
+    Raises
+    ------
+    ValueError
+        If a directory is not an AnnData-zarr store.
+    """
+    import anndata
+    from anndata.io import read_elem
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        import zarr
+
+        if not is_anndata_zarr(path):
+            raise ValueError("no 'encoding-type: anndata' at its root")
+        root = zarr.open_group(path, mode="r", use_consolidated=False)
+        parts = {k: read_elem(root[k]) for k in elements if k in root}
+    else:
+        import h5py
+
+        with h5py.File(path, "r") as root:
+            parts = {k: read_elem(root[k]) for k in elements if k in root}
+    if "uns" in parts:
+        parts["uns"] = dict(parts["uns"])
+    return anndata.AnnData(**parts)
 
 
 class AnnDataZarr:
@@ -85,13 +115,7 @@ class AnnDataZarr:
 
     def shell(self) -> Any:
         """An in-memory AnnData with this store's obs, var and uns (no matrices)."""
-        import anndata
-        from anndata.io import read_elem
-
-        root = self._root()
-        obs, var = read_elem(root["obs"]), read_elem(root["var"])
-        uns = read_elem(root["uns"]) if "uns" in root else {}
-        return anndata.AnnData(obs=obs, var=var, uns=dict(uns))
+        return read_parts(self.path)
 
     def names(self, element: str) -> list[str]:
         """Keys of a mapping element (``layers``, ``uns``, ``obsm``...), empty if absent."""
