@@ -119,3 +119,24 @@ def test_gp_type_resolution():
     assert compute_landmarks(x, "full", 5, 0) is None
     with pytest.raises(ValueError, match="at least 2"):
         compute_landmarks(x, "fixed", 1, 0)
+
+
+def test_kmeans_plusplus_is_greedy_kmeans_plusplus():
+    """The seeding equals a plain greedy k-means++ written from its definition (direct
+    differences, same random stream): each step draws ``2 + ln k`` candidates with
+    probability proportional to the squared distance to the nearest centre so far and keeps
+    the one that lowers the potential most."""
+    x = np.random.default_rng(3).standard_normal((400, 4))
+    k, rng = 25, np.random.default_rng(11)
+    got = landmarks.kmeans_plusplus(x, k, np.random.default_rng(11))
+    trials = 2 + int(np.log(k))
+    centers = [x[rng.integers(len(x))]]
+    closest = cdist(centers, x, "sqeuclidean")[0]
+    for _ in range(1, k):
+        draws = rng.uniform(size=trials) * closest.sum()
+        cand = np.minimum(np.searchsorted(np.cumsum(closest), draws), len(x) - 1)
+        pots = np.minimum(closest[None, :], cdist(x[cand], x, "sqeuclidean"))
+        best = int(np.argmin(pots.sum(axis=1)))
+        centers.append(x[cand[best]])
+        closest = pots[best]
+    np.testing.assert_array_equal(got, np.array(centers))

@@ -52,9 +52,12 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     """
     n = len(x)
     n_trials = 2 + int(np.log(k))
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    squares = np.sum(x * x, axis=1)  # each cell's |x|², once (per row: the same bits as per step)
     centers = np.empty((k, x.shape[1]))
-    centers[0] = x[rng.integers(n)]
-    closest = _sq_dist(centers[:1], x)[0]
+    first = rng.integers(n)
+    centers[0] = x[first]
+    closest = _distances_from(x, squares, np.array([first]))[0]
     potential = closest.sum()
     for c in range(1, k):
         if potential <= 0:  # fewer distinct cells than centres: repeat a cell
@@ -62,13 +65,22 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
             continue
         draws = rng.uniform(size=n_trials) * potential
         candidates = np.minimum(np.searchsorted(np.cumsum(closest), draws), n - 1)
-        cand_dist = np.minimum(closest[None, :], _sq_dist(x[candidates], x))
+        cand_dist = np.minimum(closest[None, :], _distances_from(x, squares, candidates))
         cand_pot = cand_dist.sum(axis=1)
         best = int(np.argmin(cand_pot))
         centers[c] = x[candidates[best]]
         closest = cand_dist[best]
         potential = cand_pot[best]
     return centers
+
+
+def _distances_from(x: np.ndarray, squares: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``_sq_dist(x[rows], x)`` from the cells' precomputed squares, with fewer passes."""
+    out = x[rows] @ x.T
+    out *= -2.0
+    out += squares[rows][:, None]
+    out += squares[None, :]
+    return np.maximum(out, 0.0, out=out)
 
 
 def lloyd_chunk_stats(x_chunk: np.ndarray, centers: np.ndarray, sub_rows: int = 256) -> LloydStats:
