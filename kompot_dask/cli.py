@@ -108,7 +108,7 @@ def _flags() -> set[str]:
 
 def _in_flags(message: str) -> str:
     """The library names keywords (```groupby=```, ```overwrite=True```); say the flags instead."""
-    if "=`" not in message:
+    if not re.search(r"`[A-Za-z_][A-Za-z0-9_]*=", message):
         return message
     try:
         flags = _flags()

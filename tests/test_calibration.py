@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import scipy.stats
+from conftest import assert_close
 
 from kompot_dask.differential import _calls, _relabel
 from kompot_dask.kernels.fdr import benjamini_hochberg
@@ -197,3 +198,67 @@ def test_spatial_fdr_call_of_a_fitted_abundance_model(null_atlas):
     np.testing.assert_array_equal(result["log_fold_change_direction"] == "neutral",
                                   da.predict(null_atlas.x)["log_fold_change_direction"] == "neutral")
     assert len(alone["spatial_fdr_point_pvalue"]) == 50
+
+
+# --------------------------------------------------------------- de(..., replicate_null=True)
+def _boosted_anndata(atlas, boost):
+    from kompot_dask.testing import atlas_anndata
+
+    adata = atlas_anndata(atlas, sparse=False)
+    treated = (adata.obs["condition"] == adata.obs["condition"].cat.categories[1]).to_numpy()
+    adata.X[np.ix_(treated, boost)] += 2.0  # a strong change of these genes in every treated cell
+    return adata
+
+
+def test_de_writes_the_replicate_calls_of_the_class(null_atlas):
+    """``de(..., replicate_null=True)`` writes the sample-relabelling calls of a
+    DifferentialExpression fitted independently on the same cells, genes and landmarks
+    (to 1e-10), NaN / False for genes not analysed, and says in the run history which
+    null each call used; the boosted genes are the ones called."""
+    import json
+
+    import kompot_dask as kd
+    from kompot_dask import DifferentialExpression
+
+    boost = [0, 3, 7, 11, 19]
+    adata = _boosted_anndata(null_atlas, boost)
+    c1, c2 = list(adata.obs["condition"].cat.categories)
+    genes = list(adata.var_names[:24])
+    full = kd.de(adata, "condition", c1, c2, sample_col="sample", genes=genes, n_landmarks=50, random_state=0,
+                 replicate_null=True, progress=False, return_full_results=True)
+    base = f"kompot_de_{c1}_to_{c2}_replicate"
+    info = json.loads(adata.uns["kompot_de"]["last_run_info"])
+    assert info["fdr_null"]["kompot_fdr"] is None  # Kompot: no null genes with a sample column
+    assert info["fdr_null"]["replicate_fdr"]["null"] == "sample_relabelling"
+    assert info["fdr_null"]["replicate_fdr"]["n_relabellings"] == 9
+
+    model = DifferentialExpression(n_landmarks=50, random_state=0)
+    model.fit_from(adata, "condition", c1, c2, sample_col="sample", genes=genes,
+                   landmarks=full["landmarks"])
+    table = model.compute_replicate_fdr()
+    for column in ("mahalanobis", "pvalue", "fdr"):
+        got = adata.var[f"{base}_{column}_sample_var"].to_numpy()
+        assert_close(got[:24], table[column].to_numpy(), atol=1e-10, rtol=1e-10, what=column)
+        assert np.isnan(got[24:]).all()
+    called = adata.var[f"{base}_is_de_sample_var"].to_numpy()
+    np.testing.assert_array_equal(called[:24], table["is_de"].to_numpy())
+    np.testing.assert_array_equal(np.flatnonzero(called), boost)
+
+
+def test_de_replicate_null_refusals_come_before_any_write(null_atlas, tmp_path):
+    import kompot_dask as kd
+
+    adata = _boosted_anndata(null_atlas, [0])
+    c1, c2 = list(adata.obs["condition"].cat.categories)
+    before = (set(adata.var.columns), set(adata.layers.keys()), set(adata.uns.keys()))
+    with pytest.raises(ValueError, match="pass `sample_col=`"):
+        kd.de(adata, "condition", c1, c2, n_landmarks=50, replicate_null=True)
+    with pytest.raises(TypeError, match="True or False"):
+        kd.de(adata, "condition", c1, c2, sample_col="sample", n_landmarks=50, replicate_null="yes")
+    assert (set(adata.var.columns), set(adata.layers.keys()), set(adata.uns.keys())) == before
+    path = tmp_path / "atlas.zarr"
+    adata.write_zarr(path)
+    listing = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="in-memory AnnData"):
+        kd.de(str(path), "condition", c1, c2, sample_col="sample", n_landmarks=50, replicate_null=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing

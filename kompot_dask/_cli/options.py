@@ -100,6 +100,8 @@ OPTIONS: tuple[Option, ...] = (
            stages=("de",)),
     Option("store_additional_stats", ("--store-additional-stats",), "DE: also store p-values, tail FDR, "
            "-log10 PTP and z-scores", stages=("de",)),
+    Option("replicate_null", ("--replicate-null",), "DE: also call genes against the sample-relabelling null "
+           "(needs --sample-col; runs in memory: -o *.h5ad)", stages=("de",)),
     Option("store_landmarks", ("--store-landmarks",), "store the landmarks in uns (reused by later runs)"),
     Option("overwrite", ("--overwrite",), "replace Kompot fields of an earlier run, and an existing output "
            "file", stages=CLI_ONLY, commands=_ANALYSE, group="output"),  # always passed to da()/de()

@@ -8,10 +8,10 @@ import numpy as np
 
 from ..differential import DifferentialExpression
 from ._common import landmarks_for, landmarks_info, run_context, store_landmarks
-from ._fields import de_field_mapping, de_fields
+from ._fields import de_field_mapping, de_fields, replicate_fields
 from ._groups import group_results, groups_summary, parse_groups
 from ._history import check_overwrite, environment, now, record_run
-from ._target import Target, open_target
+from ._target import Target, is_in_memory, open_target
 from .settings import FDRSettings, FilterSettings, GPSettings, OutputSettings, StorageSettings, as_params, \
     settings_from
 
@@ -39,6 +39,7 @@ def de(
     dry_run: bool = False,
     performance_report: str | None = None,
     results_store: str | None = None,
+    replicate_null: bool = False,
     **kwargs: Any,
 ):
     """Differential expression between two conditions of an AnnData, stored in var / layers / obs.
@@ -78,6 +79,15 @@ def de(
     results_store : str or path-like, optional
         Write the results into this AnnData-zarr (created with the atlas's obs and var if
         missing) instead of the default above.
+    replicate_null : bool, default False
+        Also call genes against the sample-relabelling null
+        (:meth:`~kompot_dask.DifferentialExpression.compute_replicate_fdr`, its defaults,
+        FDR level ``fdr.threshold``), which holds its error rate when replicates differ
+        where Kompot's null genes do not. Needs ``sample_col`` and an in-memory AnnData
+        (it runs in this process for now). Adds the var columns
+        ``<result_key>_<c1>_to_<c2>_replicate_{mahalanobis,pvalue,fdr,is_de}_sample_var``
+        (the distance is that of the abundance-balanced fits the null is built for);
+        ``fdr_null`` in the run history says which null each call used.
     **kwargs
         Settings fields, or estimator keywords.
 
@@ -104,7 +114,9 @@ def de(
     external = fdrs.null_mahalanobis if out.compute_mahalanobis else None
     fdr_on = internal_on or external is not None
     sv = sample_col is not None
+    _check_replicate_request(replicate_null, sv, out.compute_mahalanobis, adata, results_store)
     f = de_fields(rk, condition1, condition2, sv)
+    rf = replicate_fields(rk, condition1, condition2, sv) if replicate_null else {}
     target = open_target(adata, out.copy, results_store)
     adata = target.adata
     from ..io.inputs import condition_inputs
@@ -125,6 +137,7 @@ def de(
         return _plan(inputs, keep, gps)
 
     var_keys, layer_keys, obs_keys = _planned_fields(f, out, sto, fdr_on, sv)
+    var_keys = var_keys + list(rf.values())
     varm_keys = list(_varm_keys(f, fdr_on).values()) if groups else []
     obsp_keys = [f["posterior_covariance_key"]] if covariance else []
     check_overwrite(adata, KEY, {"var": var_keys, "layers": layer_keys, "obs": obs_keys, "varm": varm_keys,
@@ -151,6 +164,7 @@ def de(
         result = _predict(model, inputs.x_all[keep], out.compute_mahalanobis, staging)
         if external is not None:
             _external_fdr(model, result, external, fdrs)
+        replicate = model.compute_replicate_fdr(threshold=fdrs.threshold) if replicate_null else None
         per_group = group_results(model, inputs.x_all[keep], result["fold_change"], groups, keep,
                                   gps.random_state, fdr_on, external, fdrs.combine_with_internal) if groups else None
         if covariance:
@@ -158,6 +172,8 @@ def de(
             posterior = model.function_predictor1.covariance(x_kept, diag=False) \
                 + model.function_predictor2.covariance(x_kept, diag=False)
     written = _store(target, f, result, keep, gene_cols, out, sto, fdr_on, sv)
+    if replicate is not None:
+        written["var"] += _store_replicate(adata, rf, replicate, gene_cols)
     if per_group is not None:
         written["varm"] = _store_groups(adata, per_group, _varm_keys(f, fdr_on), gene_cols)
     if covariance:
@@ -174,6 +190,7 @@ def de(
         if fdr_on else None,
         "execution": execution,
         "fdr_results": fdr_summary,
+        "fdr_null": _null_used(internal_on, external, replicate, rf),
         "field_mapping": de_field_mapping(f, condition1, condition2, set(sum(written.values(), [])), sv,
                                           fdrs.threshold),
         "field_names": f,
@@ -212,6 +229,49 @@ def de(
 
 
 # ------------------------------------------------------------------------------ pieces
+def _check_replicate_request(replicate_null: Any, sv: bool, mahalanobis: bool, adata: Any, results_store: Any) -> None:
+    """``replicate_null`` needs samples, distances and (for now) an in-memory AnnData."""
+    if not isinstance(replicate_null, bool):
+        raise TypeError(f"`replicate_null` must be True or False; got {replicate_null!r}")
+    if not replicate_null:
+        return
+    if not sv:
+        raise ValueError("`replicate_null=True` relabels samples between the conditions; pass `sample_col=`, the obs "
+                         "column with each cell's sample")
+    if not mahalanobis:
+        raise ValueError("`replicate_null=True` calls genes by their Mahalanobis distance; it needs "
+                         "compute_mahalanobis=True")
+    if results_store is not None or not is_in_memory(adata):
+        raise ValueError("`replicate_null=True` runs in this process for now and needs an in-memory AnnData "
+                         "(read with anndata.read_h5ad / read_zarr; on the command line, -o *.h5ad); for an atlas too big "
+                         "for memory leave it off")
+
+
+def _store_replicate(adata: Any, rf: dict, table: Any, cols: np.ndarray) -> list[str]:
+    """The replicate-aware call's var columns (NaN / False for genes not analysed)."""
+    source = {"replicate_mahalanobis_key": "mahalanobis", "replicate_pvalue_key": "pvalue",
+              "replicate_fdr_key": "fdr", "replicate_is_de_key": "is_de"}
+    for name, key in rf.items():
+        values = table[source[name]].to_numpy()
+        column = np.zeros(adata.n_vars, dtype=bool) if values.dtype == bool else np.full(adata.n_vars, np.nan)
+        column[cols] = values
+        adata.var[key] = column
+    return list(rf.values())
+
+
+def _null_used(internal_on: bool, external: Any, replicate: Any, rf: dict) -> dict:
+    """Which null each gene call of the run used (for the run history)."""
+    kompot = "external" if external is not None else ("null_genes" if internal_on else None)
+    out = {"kompot_fdr": kompot}
+    if replicate is not None:
+        attrs = replicate.attrs
+        out["replicate_fdr"] = {"null": attrs["null"], "n_relabellings": attrs["n_relabellings"],
+                                "n_null": attrs["n_null"], "balance": attrs["balance"], "tail": attrs["tail"],
+                                "method": attrs["method"], "fdr_threshold": attrs["fdr_threshold"],
+                                "sample_variance": attrs["sample_variance"], "fields": rf}
+    return out
+
+
 def _varm_keys(f: dict, fdr_on: bool) -> dict[str, str]:
     """varm DataFrame of each per-group quantity (SPEC §7.2)."""
     keys = {"mean_lfc": f["mean_lfc_varm_key"], "mahalanobis": f["mahalanobis_varm_key"],
@@ -403,6 +463,8 @@ def _full_results(model, result, f, fdr_summary, inputs, fdr_on, external=None, 
             "field_names": f}
     if model.computed_landmarks is not None:
         full["landmarks"] = model.computed_landmarks
+    if model.replicate_fdr_results is not None:
+        full["replicate_fdr"] = model.replicate_fdr_results
     if fdr_summary is not None:
         full["fdr_summary"] = fdr_summary
     if external is not None:

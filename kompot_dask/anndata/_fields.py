@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["sanitize", "da_fields", "de_fields", "DIRECTION_COLORS"]
+__all__ = ["sanitize", "da_fields", "de_fields", "replicate_fields", "DIRECTION_COLORS"]
 
 DIRECTION_COLORS = ["#d73027", "#d3d3d3", "#4575b4"]  # up, neutral, down
 DIRECTION_CATEGORIES = ["up", "neutral", "down"]
@@ -47,6 +47,15 @@ def da_field_mapping(f: dict, condition1: Any, condition2: Any) -> dict[str, dic
         f["density_key_2"]: _entry("obs", "density", f"Log density for {condition2}"),
         f"{f['direction_key']}_colors": _entry("uns", "colors", "Color mapping for direction categories"),
     }
+
+
+def replicate_fields(rk: str, condition1: Any, condition2: Any, sample_var: bool) -> dict[str, str]:
+    """var columns of the replicate-aware gene call (``de(..., replicate_null=True)``; not
+    Kompot's): the distance it tests, its p-value, BH-adjusted FDR and call."""
+    base = f"{rk}_{sanitize(condition1)}_to_{sanitize(condition2)}_replicate"
+    sfx = "_sample_var" if sample_var else ""
+    return {"replicate_mahalanobis_key": f"{base}_mahalanobis{sfx}", "replicate_pvalue_key": f"{base}_pvalue{sfx}",
+            "replicate_fdr_key": f"{base}_fdr{sfx}", "replicate_is_de_key": f"{base}_is_de{sfx}"}
 
 
 def de_fields(rk: str, condition1: Any, condition2: Any, sample_var: bool) -> dict[str, Any]:

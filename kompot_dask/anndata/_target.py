@@ -175,7 +175,7 @@ def _source_path(adata: Any) -> str | None:
     return None
 
 
-def _is_in_memory(adata: Any) -> bool:
+def is_in_memory(adata: Any) -> bool:
     import anndata
     import pandas as pd
 
@@ -196,7 +196,7 @@ def open_target(adata: Any, copy: bool, results_store: Any = None) -> Target:
     """
     path = _source_path(adata)
     if results_store is None and path is None:
-        if _is_in_memory(adata):
+        if is_in_memory(adata):
             return Target(prepare_adata(adata, copy), adata if not copy else None)
         if type(adata).__module__.split(".")[0] == "anndata":
             msg = ("this AnnData is read lazily and has no file to write beside; pass "
