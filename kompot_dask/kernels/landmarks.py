@@ -33,11 +33,6 @@ class LloydStats(NamedTuple):
         return LloydStats(self.sums + other.sums, self.counts + other.counts, self.inertia + other.inertia)
 
 
-def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    sq = np.sum(a * a, axis=1)[:, None] - 2.0 * (a @ b.T) + np.sum(b * b, axis=1)[None, :]
-    return np.maximum(sq, 0.0)
-
-
 def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Greedy k-means++ seeding with ``2 + floor(ln k)`` candidates per step.
 
@@ -75,7 +70,8 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
 
 
 def _distances_from(x: np.ndarray, squares: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``_sq_dist(x[rows], x)`` from the cells' precomputed squares, with fewer passes."""
+    """Squared distances (len(rows), n) of the cells ``x[rows]`` to every cell, from the cells'
+    precomputed squares ``|x|²``."""
     out = x[rows] @ x.T
     out *= -2.0
     out += squares[rows][:, None]
