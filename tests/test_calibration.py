@@ -161,7 +161,8 @@ def test_real_labelling_reproduces_the_model_and_a_null_atlas_is_not_called(null
     assert not plain["is_de"].any()
     assert plain["pvalue"].min() > 1 / (9 * 30 + 1) - 1e-12
     assert not np.allclose(plain["mahalanobis"], table["mahalanobis"])  # the weights changed the fits
-    assert "replicate_is_de" not in _fit(null_atlas).predict(de.computed_landmarks, compute_mahalanobis=True)
+    off = _fit(null_atlas, replicate_null=False).predict(de.computed_landmarks, compute_mahalanobis=True)
+    assert "replicate_is_de" not in off
 
 
 def test_strongly_changed_genes_are_called(null_atlas):
@@ -205,6 +206,7 @@ def _boosted_anndata(atlas, boost):
     from kompot_dask.testing import atlas_anndata
 
     adata = atlas_anndata(atlas, sparse=False)
+    adata.X = np.array(adata.X, dtype=np.float64)  # a copy: the module's atlas stays as drawn
     treated = (adata.obs["condition"] == adata.obs["condition"].cat.categories[1]).to_numpy()
     adata.X[np.ix_(treated, boost)] += 2.0  # a strong change of these genes in every treated cell
     return adata
@@ -245,7 +247,7 @@ def test_de_writes_the_replicate_calls_of_the_class(null_atlas):
     np.testing.assert_array_equal(np.flatnonzero(called), boost)
 
 
-def test_de_replicate_null_refusals_come_before_any_write(null_atlas, tmp_path):
+def test_de_replicate_null_refusals_come_before_any_write(null_atlas):
     import kompot_dask as kd
 
     adata = _boosted_anndata(null_atlas, [0])
@@ -253,12 +255,93 @@ def test_de_replicate_null_refusals_come_before_any_write(null_atlas, tmp_path):
     before = (set(adata.var.columns), set(adata.layers.keys()), set(adata.uns.keys()))
     with pytest.raises(ValueError, match="pass `sample_col=`"):
         kd.de(adata, "condition", c1, c2, n_landmarks=50, replicate_null=True)
-    with pytest.raises(TypeError, match="True or False"):
+    with pytest.raises(TypeError, match="None .*True or False"):
         kd.de(adata, "condition", c1, c2, sample_col="sample", n_landmarks=50, replicate_null="yes")
+    with pytest.raises(ValueError, match="compute_mahalanobis=True"):
+        kd.de(adata, "condition", c1, c2, sample_col="sample", n_landmarks=50, replicate_null=True,
+              compute_mahalanobis=False)
     assert (set(adata.var.columns), set(adata.layers.keys()), set(adata.uns.keys())) == before
+
+
+# ------------------------------------------------- on by default with sample labels
+def test_replicate_null_is_on_by_default_with_sample_labels(null_atlas):
+    """``replicate_null=None``: on with labels and shared landmarks (the same calls as
+    ``compute_replicate_fdr``), off without labels or landmarks, saying why; True that
+    cannot run is refused naming the fix; a value that is not None/True/False too."""
+    from kompot_dask import DifferentialExpression
+
+    c = condition_arrays(null_atlas)
+    boost = [2, 5, 9, 13, 17]  # enough for BH at the floor of the empirical p-values (270 null distances)
+    de = _fit(null_atlas, boost=boost)
+    assert de.replicate_null is None and de.replicate_null_reason is None
+    result = de.predict(de.computed_landmarks, compute_mahalanobis=True)
+    np.testing.assert_array_equal(np.flatnonzero(result["replicate_is_de"]), boost)
+    assert result["fdr_null"] == "sample_relabelling"
+    again = de.replicate_fdr_results.copy()
+    np.testing.assert_array_equal(de.compute_replicate_fdr()["pvalue"], again["pvalue"])
+
+    plain = DifferentialExpression(n_landmarks=50, random_state=0).fit(c.x1, c.y1, c.x2, c.y2)
+    assert "no sample labels" in plain.replicate_null_reason
+    assert "replicate_pvalue" not in plain.predict(plain.computed_landmarks, compute_mahalanobis=True)
+    full_gp = DifferentialExpression(random_state=0).fit(
+        c.x1[:150], c.y1[:150], c.x2[:150], c.y2[:150], condition1_sample_indices=c.samples1[:150],
+        condition2_sample_indices=c.samples2[:150])
+    assert "shared landmarks" in full_gp.replicate_null_reason
+    off = _fit(null_atlas, replicate_null=False)
+    assert off.replicate_null_reason == "replicate_null=False"
+    assert "replicate_pvalue" not in off.predict(off.computed_landmarks, compute_mahalanobis=True)
+
+    with pytest.raises(ValueError, match="`condition1_sample_indices` and `condition2_sample_indices`"):
+        DifferentialExpression(n_landmarks=50, replicate_null=True).fit(c.x1, c.y1, c.x2, c.y2)
+    with pytest.raises(ValueError, match="pass `n_landmarks` or `landmarks`"):
+        DifferentialExpression(replicate_null=True).fit(
+            c.x1[:150], c.y1[:150], c.x2[:150], c.y2[:150], condition1_sample_indices=c.samples1[:150],
+            condition2_sample_indices=c.samples2[:150])
+    with pytest.raises(TypeError, match="replicate_null"):
+        DifferentialExpression(replicate_null="auto")
+
+
+def test_de_with_a_sample_column_writes_the_replicate_calls_in_memory_and_out_of_core(null_atlas, tmp_path):
+    """``de(..., sample_col=...)`` writes the four replicate columns by default, the same
+    (1e-8) into an AnnData-zarr given by path as in memory; the run history says which
+    null each call used, and why the relabelling null is off when it is."""
+    import json
+
+    import anndata
+
+    import kompot_dask as kd
+
+    boost = [1, 4, 8, 12, 17]
+    adata = _boosted_anndata(null_atlas, boost)
+    c1, c2 = list(adata.obs["condition"].cat.categories)
     path = tmp_path / "atlas.zarr"
     adata.write_zarr(path)
-    listing = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    with pytest.raises(ValueError, match="in-memory AnnData"):
-        kd.de(str(path), "condition", c1, c2, sample_col="sample", n_landmarks=50, replicate_null=True)
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing
+    args = dict(sample_col="sample", genes=list(adata.var_names[:20]), n_landmarks=50, random_state=0, progress=False)
+    kd.de(adata, "condition", c1, c2, **args)
+    kd.de(str(path), "condition", c1, c2, **args)
+    stored = anndata.read_zarr(path)
+    base = f"kompot_de_{c1}_to_{c2}_replicate"
+    columns = [f"{base}_{name}_sample_var" for name in ("mahalanobis", "pvalue", "fdr", "is_de")]
+    for key in columns:
+        mem, disk = adata.var[key].to_numpy(), stored.var[key].to_numpy()
+        if key.endswith("is_de_sample_var"):
+            assert mem.dtype == bool
+            np.testing.assert_array_equal(disk, mem)
+            np.testing.assert_array_equal(np.flatnonzero(mem), boost)
+        else:
+            assert np.isnan(mem[20:]).all() and np.isfinite(mem[:20]).all()
+            assert_close(disk[:20], mem[:20], rtol=1e-8, atol=1e-12, what=key)
+    for where in (adata, stored):
+        info = json.loads(where.uns["kompot_de"]["last_run_info"])
+        assert info["fdr_null"]["kompot_fdr"] is None
+        assert info["fdr_null"]["replicate_fdr"]["null"] == "sample_relabelling"
+        assert info["fdr_null"]["replicate_fdr"]["fields"]["replicate_is_de_key"] == columns[-1]
+
+    kd.de(adata, "condition", c1, c2, replicate_null=False, overwrite=True, **args)
+    info = json.loads(adata.uns["kompot_de"]["last_run_info"])
+    assert info["fdr_null"]["replicate_fdr"] == {"null": None, "reason": "replicate_null=False"}
+    bare = _boosted_anndata(null_atlas, boost)
+    kd.de(bare, "condition", c1, c2, n_landmarks=50, random_state=0, progress=False, null_genes=5)
+    assert not [c for c in bare.var.columns if "replicate" in c]
+    info = json.loads(bare.uns["kompot_de"]["last_run_info"])
+    assert info["fdr_null"] == {"kompot_fdr": "null_genes", "replicate_fdr": {"null": None, "reason": "no sample_col"}}

@@ -11,7 +11,7 @@ from ._common import landmarks_for, landmarks_info, run_context, store_landmarks
 from ._fields import de_field_mapping, de_fields, replicate_fields
 from ._groups import group_results, groups_summary, parse_groups
 from ._history import check_overwrite, environment, now, record_run
-from ._target import Target, is_in_memory, open_target
+from ._target import Target, open_target
 from .settings import FDRSettings, FilterSettings, GPSettings, OutputSettings, StorageSettings, as_params, \
     settings_from
 
@@ -39,7 +39,7 @@ def de(
     dry_run: bool = False,
     performance_report: str | None = None,
     results_store: str | None = None,
-    replicate_null: bool = False,
+    replicate_null: bool | None = None,
     **kwargs: Any,
 ):
     """Differential expression between two conditions of an AnnData, stored in var / layers / obs.
@@ -79,15 +79,18 @@ def de(
     results_store : str or path-like, optional
         Write the results into this AnnData-zarr (created with the atlas's obs and var if
         missing) instead of the default above.
-    replicate_null : bool, default False
+    replicate_null : bool, optional
         Also call genes against the sample-relabelling null
         (:meth:`~kompot_dask.DifferentialExpression.compute_replicate_fdr`, its defaults,
         FDR level ``fdr.threshold``), which holds its error rate when replicates differ
-        where Kompot's null genes do not. Needs ``sample_col`` and an in-memory AnnData
-        (it runs in this process for now). Adds the var columns
+        where Kompot's null genes do not. ``None`` (default): on with ``sample_col`` (at
+        least 3 samples in all), Mahalanobis distances and landmarks, off otherwise (so
+        without ``sample_col`` the fields are Kompot's); ``True``: required (refused,
+        naming the fix, before anything is written); ``False``: off. Adds the var columns
         ``<result_key>_<c1>_to_<c2>_replicate_{mahalanobis,pvalue,fdr,is_de}_sample_var``
-        (the distance is that of the abundance-balanced fits the null is built for);
-        ``fdr_null`` in the run history says which null each call used.
+        (the distance is that of the abundance-balanced fits the null is built for), in
+        memory and out of core alike; ``fdr_null`` in the run history says which null
+        each call used (and why the relabelling null is off, when it is).
     **kwargs
         Settings fields, or estimator keywords.
 
@@ -114,9 +117,9 @@ def de(
     external = fdrs.null_mahalanobis if out.compute_mahalanobis else None
     fdr_on = internal_on or external is not None
     sv = sample_col is not None
-    _check_replicate_request(replicate_null, sv, out.compute_mahalanobis, adata, results_store)
+    replicate_null = _replicate_request(replicate_null, sv, out.compute_mahalanobis)
     f = de_fields(rk, condition1, condition2, sv)
-    rf = replicate_fields(rk, condition1, condition2, sv) if replicate_null else {}
+    rf = replicate_fields(rk, condition1, condition2, sv) if replicate_null is not False else {}
     target = open_target(adata, out.copy, results_store)
     adata = target.adata
     from ..io.inputs import condition_inputs
@@ -151,6 +154,7 @@ def de(
         max_memory_ratio=sto.max_memory_ratio, use_empirical_variance=gps.use_empirical_variance,
         null_genes=null_genes if internal_on else None, null_seed=fdrs.null_seed, fdr_threshold=fdrs.threshold,
         gene_names=None if inputs.gene_names is None else [str(g) for g in inputs.gene_names],
+        replicate_null=replicate_null,
     )
     with run_context(out.progress, performance_report) as execution:
         model.fit(x1, y1, x2, y2, sigma=gps.sigma, ls=gps.ls, ls_factor=gps.ls_factor, landmarks=landmarks,
@@ -164,7 +168,7 @@ def de(
         result = _predict(model, inputs.x_all[keep], out.compute_mahalanobis, staging)
         if external is not None:
             _external_fdr(model, result, external, fdrs)
-        replicate = model.compute_replicate_fdr(threshold=fdrs.threshold) if replicate_null else None
+        replicate = model.replicate_fdr_results if rf and model.replicate_null_reason is None else None
         per_group = group_results(model, inputs.x_all[keep], result["fold_change"], groups, keep,
                                   gps.random_state, fdr_on, external, fdrs.combine_with_internal) if groups else None
         if covariance:
@@ -190,7 +194,8 @@ def de(
         if fdr_on else None,
         "execution": execution,
         "fdr_results": fdr_summary,
-        "fdr_null": _null_used(internal_on, external, replicate, rf),
+        "fdr_null": _null_used(internal_on, external, replicate, rf, "no sample_col" if not sv else (
+            "compute_mahalanobis=False" if not out.compute_mahalanobis else model.replicate_null_reason)),
         "field_mapping": de_field_mapping(f, condition1, condition2, set(sum(written.values(), [])), sv,
                                           fdrs.threshold),
         "field_names": f,
@@ -229,22 +234,18 @@ def de(
 
 
 # ------------------------------------------------------------------------------ pieces
-def _check_replicate_request(replicate_null: Any, sv: bool, mahalanobis: bool, adata: Any, results_store: Any) -> None:
-    """``replicate_null`` needs samples, distances and (for now) an in-memory AnnData."""
-    if not isinstance(replicate_null, bool):
-        raise TypeError(f"`replicate_null` must be True or False; got {replicate_null!r}")
-    if not replicate_null:
-        return
-    if not sv:
+def _replicate_request(replicate_null: Any, sv: bool, mahalanobis: bool) -> bool | None:
+    """The model's ``replicate_null``: False where the run cannot have it, else as given
+    (None: the model decides from its fit); ``True`` without samples or distances raises."""
+    if not (replicate_null is None or isinstance(replicate_null, bool)):
+        raise TypeError(f"`replicate_null` must be None (on with `sample_col`), True or False; got {replicate_null!r}")
+    if replicate_null is True and not sv:
         raise ValueError("`replicate_null=True` relabels samples between the conditions; pass `sample_col=`, the obs "
                          "column with each cell's sample")
-    if not mahalanobis:
+    if replicate_null is True and not mahalanobis:
         raise ValueError("`replicate_null=True` calls genes by their Mahalanobis distance; it needs "
                          "compute_mahalanobis=True")
-    if results_store is not None or not is_in_memory(adata):
-        raise ValueError("`replicate_null=True` runs in this process for now and needs an in-memory AnnData "
-                         "(read with anndata.read_h5ad / read_zarr; on the command line, -o *.h5ad); for an atlas too big "
-                         "for memory leave it off")
+    return replicate_null if sv and mahalanobis else False
 
 
 def _store_replicate(adata: Any, rf: dict, table: Any, cols: np.ndarray) -> list[str]:
@@ -259,17 +260,16 @@ def _store_replicate(adata: Any, rf: dict, table: Any, cols: np.ndarray) -> list
     return list(rf.values())
 
 
-def _null_used(internal_on: bool, external: Any, replicate: Any, rf: dict) -> dict:
-    """Which null each gene call of the run used (for the run history)."""
+def _null_used(internal_on: bool, external: Any, replicate: Any, rf: dict, reason: str | None) -> dict:
+    """Which null each gene call of the run used (for the run history): ``kompot_fdr`` is
+    Kompot's call (``null_genes``, ``external`` or None), ``replicate_fdr`` the relabelling
+    call with its settings, or ``{"null": None, "reason": ...}`` when it is off."""
     kompot = "external" if external is not None else ("null_genes" if internal_on else None)
-    out = {"kompot_fdr": kompot}
-    if replicate is not None:
-        attrs = replicate.attrs
-        out["replicate_fdr"] = {"null": attrs["null"], "n_relabellings": attrs["n_relabellings"],
-                                "n_null": attrs["n_null"], "balance": attrs["balance"], "tail": attrs["tail"],
-                                "method": attrs["method"], "fdr_threshold": attrs["fdr_threshold"],
-                                "sample_variance": attrs["sample_variance"], "fields": rf}
-    return out
+    if replicate is None:
+        return {"kompot_fdr": kompot, "replicate_fdr": {"null": None, "reason": reason or "no sample_col"}}
+    attrs = replicate.attrs
+    keys = ("null", "n_relabellings", "n_null", "balance", "tail", "method", "fdr_threshold", "sample_variance")
+    return {"kompot_fdr": kompot, "replicate_fdr": {**{k: attrs[k] for k in keys}, "fields": rf}}
 
 
 def _varm_keys(f: dict, fdr_on: bool) -> dict[str, str]:

@@ -23,7 +23,7 @@ import scipy.stats
 
 from ..kernels.fdr import benjamini_hochberg
 
-__all__ = ["SpatialCall", "density_weights", "spatial_call", "two_sided_pvalues"]
+__all__ = ["SpatialCall", "bh_call", "density_weights", "spatial_call", "two_sided_pvalues"]
 
 
 class SpatialCall(NamedTuple):
@@ -49,6 +49,20 @@ class SpatialCall(NamedTuple):
     threshold: float
     point_pvalue: np.ndarray
     point_fdr: np.ndarray
+
+
+def bh_call(p: np.ndarray, alpha: float, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Benjamini–Hochberg (optionally weighted) adjusted p-values and the calls ``q <= alpha``.
+
+    NaN p-values get NaN q-values and are never called.
+    """
+    if not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"the FDR level must lie in (0, 1]; got {alpha!r}")
+    q = benjamini_hochberg(p, weights)
+    called = np.zeros(q.shape, dtype=bool)
+    ok = ~np.isnan(q)
+    called[ok] = q[ok] <= alpha
+    return q, called
 
 
 def two_sided_pvalues(z: np.ndarray, df: float | None = None) -> np.ndarray:
@@ -122,9 +136,8 @@ def spatial_call(
     p_point = two_sided_pvalues(point_z, df)
     if cell_lfc.shape != p_cell.shape:
         raise ValueError(f"`cell_lfc` must have the shape of `cell_z` {p_cell.shape}; got {cell_lfc.shape}")
-    q_point = benjamini_hochberg(p_point, weights)
+    q_point, called = bh_call(p_point, alpha, weights)
     ok = ~np.isnan(q_point)
-    called = ok & (q_point <= alpha)
     threshold = float(p_point[called].max()) if called.any() else 0.0
     # cell FDR: the smallest point-level q among points with p >= the cell's p (a step function)
     order = np.argsort(p_point[ok], kind="stable")

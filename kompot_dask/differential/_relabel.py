@@ -19,7 +19,9 @@ covariance at the evaluation points (``O(M³)``), and the Mahalanobis distances
 (``O(M² G S)`` with sample variance, the Woodbury form). The per-sample GP means of the
 sample variance come from the same per-sample sums (the model's per-sample fits use the
 same landmarks, length scale and noise), so nothing is refitted. The real labelling goes
-through the same code and reproduces the model's own distances (tests: 1e-8).
+through the same code and reproduces the model's own distances (tests: 1e-8). The sums
+and the distances run as dask tasks over (cell chunk × gene batch) blocks, on the
+cluster when there is one (:mod:`._relabel_graph`).
 
 *Balancing* (``balance=K``): abundance changes move a condition's GP mean even where
 expression does not change, because the smoother averages over where that condition's
@@ -29,8 +31,9 @@ that part of the difference; the weights do not depend on the labelling, so the
 relabelling null stays exchangeable. The distances are then those of the weighted fits,
 not Kompot's.
 
-Everything here is numpy/scipy on landmark-sized arrays plus one kernel (``matern52``);
-it reads the fitted model's state but changes nothing in it.
+Here: when the null can run (the switch), the relabellings, the balancing weights and the
+p-values and calls from the distances; everything reads the fitted model's state and
+changes nothing in it.
 """
 
 from __future__ import annotations
@@ -40,24 +43,22 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-import scipy.linalg
 
-from .._jax import with_x64
-from ..estimators._inputs import read_rows, take_rows
-from ..kernels import mahalanobis as mk
-from ..kernels.covariance import matern52
-from ..kernels.fdr import benjamini_hochberg
+from ._calls import bh_call
 
 __all__ = [
     "ReplicateNull",
     "SampleUnits",
     "balance_weights",
+    "check_switch",
+    "off_reason",
+    "on_shared_landmarks",
+    "resolve_switch",
     "pooled_pvalues",
     "relabellings",
     "replicate_fdr",
     "tail_pvalues",
     "sample_units",
-    "replicate_null_distances",
 ]
 
 #: Upper bound on relabellings enumerated exhaustively (more are drawn at random).
@@ -93,6 +94,63 @@ class ReplicateNull(NamedTuple):
     null_genes: np.ndarray
     assignments: np.ndarray
     units: SampleUnits
+
+
+# ---------------------------------------------------------------------- the switch
+def check_switch(value: Any) -> bool | None:
+    """``replicate_null`` as given: None (on when the fit allows it), True or False."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
+    raise TypeError(f"`replicate_null` must be None (on when there are sample labels), True or False; got {value!r}")
+
+
+def off_reason(labels1: Any, labels2: Any, shared_landmarks: bool, own_sample_ls: bool) -> tuple[str, str] | None:
+    """Why a fit cannot have the replicate null, and the fix; None when it can.
+
+    Parameters
+    ----------
+    labels1, labels2 : array or None
+        Sample labels of each condition's cells.
+    shared_landmarks : bool
+        Both conditions' expression GPs are landmark fits on the same landmarks.
+    own_sample_ls : bool
+        The per-sample models get a length scale of their own (``sample_estimator_ls``).
+    """
+    if labels1 is None or labels2 is None:
+        return ("the fit has no sample labels for both conditions",
+                "pass `condition1_sample_indices` and `condition2_sample_indices` to `fit` (`sample_col=` in "
+                "`fit_from` and `de()`)")
+    s1, s2 = len(np.unique(labels1)), len(np.unique(labels2))
+    if s1 + s2 < 3:
+        return (f"{s1} + {s2} samples allow no relabelling besides the real one",
+                "it needs at least 3 samples in all (e.g. 2 + 1)")
+    if not shared_landmarks:
+        return ("the conditions are not fitted on shared landmarks",
+                "pass `n_landmarks` or `landmarks` (a full GP or injected predictors have no per-sample sums)")
+    if own_sample_ls:
+        return ("the per-sample models have a length scale of their own (`sample_estimator_ls`)",
+                "leave `sample_estimator_ls` unset (the null rebuilds them on the main length scale)")
+    return None
+
+
+def on_shared_landmarks(predictor1: Any, predictor2: Any) -> bool:
+    """Both predictors are landmark-mode fits on the same landmarks and length scale."""
+    states = [getattr(p, "state", None) for p in (predictor1, predictor2)]
+    if any(st is None or getattr(st, "lb", None) is None for st in states):
+        return False
+    a, b = (np.asarray(st.inducing) for st in states)
+    return a.shape == b.shape and np.allclose(a, b) and float(states[0].ls) == float(states[1].ls)
+
+
+def resolve_switch(requested: bool | None, reason: tuple[str, str] | None) -> tuple[bool, str | None]:
+    """``(on, why_off)`` for ``replicate_null=requested``; ``True`` that cannot run raises."""
+    if requested is False:
+        return False, "replicate_null=False"
+    if reason is None:
+        return True, None
+    if requested:
+        raise ValueError(f"`replicate_null=True` cannot run: {reason[0]}; {reason[1]}")
+    return False, reason[0]
 
 
 # ----------------------------------------------------------------------- relabellings
@@ -238,106 +296,6 @@ def sample_units(labels1: np.ndarray, labels2: np.ndarray) -> SampleUnits:
     return SampleUnits(np.array(cond), lab, rows)
 
 
-class _LandmarkGP(NamedTuple):
-    """What the DTC fit of a condition needs besides the sums over its cells."""
-
-    inducing: np.ndarray  # (M, D)
-    lp: np.ndarray  # chol(K_UU + jitter I)
-    ls: float
-    mu: float
-    noise: float  # max(sigma², jitter)
-    jitter: float
-
-
-def _solve_l(lower, b, trans=False):
-    return scipy.linalg.solve_triangular(lower, b, lower=True, trans="T" if trans else "N", check_finite=False)
-
-
-@with_x64
-def _sample_sums(gp: _LandmarkGP, x: np.ndarray, y: Any, rows: np.ndarray, genes: np.ndarray | None,
-                 weights: np.ndarray | None = None, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """``(A W Aᵀ, A W (Y − mu))`` over the cells ``rows`` of one sample, chunk by chunk.
-
-    ``W`` = diag(``weights``) (default the identity): a cell of weight ω counts as an
-    observation with noise variance σ²/ω.
-    """
-    m = len(gp.inducing)
-    aat = np.zeros((m, m))
-    a_r = None
-    for start in range(0, len(rows), chunk):
-        r = rows[start:start + chunk]
-        k = np.asarray(matern52(gp.inducing, x[r], gp.ls), dtype=np.float64)
-        a = _solve_l(gp.lp, k)
-        yr = read_rows(take_rows(y, r), slice(None))
-        if genes is not None:
-            yr = yr[:, genes]
-        if weights is None:
-            aat += a @ a.T
-            part = a @ (yr - gp.mu)
-        else:
-            aw = a * weights[start:start + chunk]
-            aat += aw @ a.T
-            part = aw @ (yr - gp.mu)
-        a_r = part if a_r is None else a_r + part
-    return aat, a_r
-
-
-@with_x64
-def _point_terms(gp: _LandmarkGP, points: np.ndarray):
-    """``K_PU``, the prior part ``K_PP − A_Pᵀ A_P`` and ``A_P = Lp⁻¹ K_UP`` at the points.
-
-    At the landmarks themselves ``K_UU = Lp Lpᵀ − jI`` gives ``A = Lpᵀ − j Lp⁻¹`` and
-    ``K_UU − AᵀA = jI − DᵀD`` with ``D = j Lp⁻¹`` exactly, which avoids the cancellation
-    of two order-one matrices (their difference is of the order of the jitter).
-    """
-    k_pu = np.asarray(matern52(points, gp.inducing, gp.ls), dtype=np.float64)
-    if points.shape == gp.inducing.shape and np.array_equal(points, gp.inducing):
-        m = len(points)
-        d = gp.jitter * _solve_l(gp.lp, np.eye(m))
-        a_p = gp.lp.T - d
-        prior = gp.jitter * np.eye(m) - d.T @ d
-        return k_pu, prior, a_p
-    a_p = _solve_l(gp.lp, k_pu.T)
-    k_pp = np.asarray(matern52(points, points, gp.ls), dtype=np.float64)
-    return k_pu, k_pp - a_p.T @ a_p, a_p
-
-
-class _Condition(NamedTuple):
-    mean: np.ndarray  # (p, G) posterior mean at the evaluation points
-    cov: np.ndarray  # (p, p) latent posterior covariance there
-
-
-def _condition_at(gp: _LandmarkGP, aat: np.ndarray, a_r: np.ndarray, k_pu: np.ndarray, prior: np.ndarray,
-                  a_p: np.ndarray) -> _Condition:
-    """Posterior mean and covariance at the evaluation points of the DTC fit with these sums."""
-    m = len(aat)
-    lb = np.linalg.cholesky(np.eye(m) + aat / gp.noise)
-    w = _solve_l(gp.lp, _solve_l(lb, _solve_l(lb, a_r / gp.noise), trans=True), trans=True)
-    c = _solve_l(lb, a_p)
-    cov = prior + c.T @ c
-    return _Condition(gp.mu + k_pu @ w, cov)
-
-
-def _landmark_gp(predictor: Any, kwargs: dict) -> _LandmarkGP:
-    state = getattr(predictor, "state", None)
-    if state is None or getattr(state, "lb", None) is None:
-        msg = ("the replicate null needs landmark-mode expression models (pass `n_landmarks` or `landmarks` "
-               "to DifferentialExpression); a full GP or an injected predictor has no per-sample sums")
-        raise ValueError(msg)
-    sigma = float(kwargs.get("sigma", 0.0))
-    jitter = float(kwargs.get("jitter", 1e-6))
-    return _LandmarkGP(np.asarray(state.inducing), np.asarray(state.lp), float(state.ls), float(state.mu),
-                       max(sigma ** 2, jitter), jitter)
-
-
-def _factor(means: list) -> np.ndarray | None:
-    """Centred sample means over ``sqrt(S − 1)``, (p, S, G); None with fewer than 2."""
-    means = [m for m in means if m is not None]
-    if len(means) < 2:
-        return None
-    return mk.sample_variance_factor(np.stack(means))
-
-
 def balance_weights(units: "SampleUnits", condition_x: tuple, landmarks: np.ndarray,
                     n_regions: int, seed: int = 0, cap: float = 10.0) -> list:
     """Per-cell weights that give every sample the cell distribution of all samples pooled.
@@ -379,123 +337,6 @@ def balance_weights(units: "SampleUnits", condition_x: tuple, landmarks: np.ndar
     return out
 
 
-@with_x64
-def replicate_null_distances(
-    predictors: tuple[Any, Any],
-    data: tuple,
-    kwargs: dict,
-    points: np.ndarray,
-    eps: float,
-    n_genes: int,
-    sample_variance: bool = True,
-    max_relabellings: int | None = None,
-    null_gene_count: int | None = None,
-    seed: int = 0,
-    point_index: np.ndarray | None = None,
-    balance: int | None = None,
-) -> ReplicateNull:
-    """Mahalanobis distances of the real labelling and of every relabelling of the samples.
-
-    Parameters
-    ----------
-    predictors : (predictor1, predictor2)
-        The fitted landmark-mode function predictors (both on the same landmarks).
-    data : (x1, y1, labels1, x2, y2, labels2)
-        The training cells, expression (real genes only) and sample labels.
-    kwargs : dict
-        The function estimator's settings (``sigma``, ``jitter``).
-    points : array (p, D)
-        Evaluation points of the distance.
-    eps : float
-        Jitter of the distance (the model's ``eps``).
-    n_genes : int
-        Real genes.
-    sample_variance : bool, default True
-        Add the replicate covariance of each (pseudo-)condition, from per-sample GP means
-        on the same landmarks and length scale (as the model's sample variance).
-    max_relabellings : int, optional
-        Cap on the relabellings (seeded draw).
-    null_gene_count : int, optional
-        Genes (a seeded random subset) whose relabelled distances make the null pool
-        (default all genes).
-    seed : int
-        Seed of both draws.
-    point_index : array of int, optional
-        Evaluate the distance at these rows of ``points`` only (the GPs are still
-        conditioned at all of them; the covariance there is the sub-block).
-    balance : int, optional
-        Weight each sample's cells to the pooled distribution over this many regions
-        (:func:`balance_weights`) before fitting: removes the part of the mean difference
-        that comes from where the conditions' cells are (abundance changes) rather than
-        from expression. None: the model's own (unweighted) fit.
-
-    Returns
-    -------
-    ReplicateNull
-    """
-    x1, y1, labels1, x2, y2, labels2 = data
-    units = sample_units(labels1, labels2)
-    s1 = int(np.sum(units.condition == 1))
-    s2 = len(units.condition) - s1
-    assignments = relabellings(s1, s2, max_relabellings, seed)
-    if len(assignments) == 0:
-        raise ValueError(f"{s1} + {s2} samples allow no relabelling besides the real one; the replicate null "
-                         "needs at least 3 samples in all (e.g. 2 + 1)")
-    gp = _landmark_gp(predictors[0], kwargs)
-    gp2 = _landmark_gp(predictors[1], kwargs)
-    if gp2.inducing.shape != gp.inducing.shape or not np.allclose(gp2.inducing, gp.inducing) or gp2.ls != gp.ls:
-        raise ValueError("the replicate null needs both conditions on the same landmarks and length scale")
-    if null_gene_count is None or null_gene_count >= n_genes:
-        null_genes = np.arange(n_genes)
-    else:
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
-        null_genes = np.sort(rng.choice(n_genes, size=int(null_gene_count), replace=False))
-
-    points = np.asarray(points, dtype=np.float64)
-    k_pu, prior, a_p = _point_terms(gp, points)
-    xs, ys = (x1, x2), (y1, y2)
-    weights = (balance_weights(units, xs, gp.inducing, int(balance), seed) if balance
-               else [None] * len(units.rows))
-    sums = [_sample_sums(gp, xs[c - 1], ys[c - 1], rows, None, w)
-            for c, rows, w in zip(units.condition, units.rows, weights)]
-    # each sample's own GP mean (the per-sample models of the sample variance), (p, G)
-    means = ([_condition_at(gp, aat, a_r, k_pu, prior, a_p).mean if len(rows) >= 2 else None
-              for (aat, a_r), rows in zip(sums, units.rows)] if sample_variance else None)
-
-    def distances(in2: np.ndarray, genes: np.ndarray | None) -> np.ndarray:
-        conds = []
-        for member in (~in2, in2):
-            idx = np.flatnonzero(member)
-            aat = sum(sums[i][0] for i in idx)
-            a_r = sum(sums[i][1] for i in idx)
-            if genes is not None:
-                a_r = a_r[:, genes]
-            conds.append(_condition_at(gp, aat, a_r, k_pu, prior, a_p))
-        delta = conds[1].mean - conds[0].mean
-        sigma = conds[0].cov + conds[1].cov
-        if point_index is not None:
-            delta, sigma = delta[point_index], sigma[np.ix_(point_index, point_index)]
-        q = None
-        if means is not None:
-            parts = []
-            for member in (~in2, in2):
-                sel = [means[i] if genes is None or means[i] is None else means[i][:, genes]
-                       for i in np.flatnonzero(member)]
-                f = _factor(sel)
-                if f is not None:
-                    parts.append(f)
-            q = mk.concat_factors(*parts) if parts else None
-            if q is not None and point_index is not None:
-                q = q[point_index]
-        return mk.mahalanobis_distances(delta, sigma, eps, q=q).distances
-
-    identity = np.asarray(units.condition == 2)
-    observed = distances(identity, None)
-    sub = None if len(null_genes) == n_genes else null_genes
-    null = np.stack([distances(row, sub) for row in assignments])
-    return ReplicateNull(observed, null, null_genes, assignments, units)
-
-
 def replicate_fdr(result: ReplicateNull, threshold: float, tail: str = "empirical") -> dict:
     """p-values, BH q-values and calls of the observed distances against the pooled null.
 
@@ -504,8 +345,5 @@ def replicate_fdr(result: ReplicateNull, threshold: float, tail: str = "empirica
     if tail not in ("empirical", "gpd"):
         raise ValueError(f"`tail` must be 'empirical' or 'gpd'; got {tail!r}")
     p = (pooled_pvalues if tail == "empirical" else tail_pvalues)(result.observed, result.null)
-    q = benjamini_hochberg(p)
-    is_de = np.zeros(p.shape, dtype=bool)
-    ok = ~np.isnan(q)
-    is_de[ok] = q[ok] <= threshold
+    q, is_de = bh_call(p, threshold)
     return {"pvalue": p, "fdr": q, "is_de": is_de}

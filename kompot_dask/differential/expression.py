@@ -15,13 +15,14 @@ from ..fdr import compute_fdr
 from ..execution.runner import resolve_client
 from ..io.results import fingerprint
 from ..options import get_options
-from . import pipeline
+from . import _relabel, pipeline
 from ._blocks import EXPRESSION_KEYS, STD_KEYS
 from ._runs import check_run_arguments, finish_run, memory_blocks, model_token, open_sink, planned_blocks
 from ._checks import check_conditions, check_ptp_threshold, check_sample_labels, check_sample_variance_request
 from ._expression_model import ConditionModel, expression_length_scale, fit_empirical_variance
 from ._mahalanobis_inputs import evaluation_points
 from ._null_genes import draw_null_genes
+from ._relabel_graph import replicate_null_distances
 from ._variance import check_sample_counts, fit_sample_variances
 from .sample_variance import SampleVarianceEstimator
 
@@ -75,12 +76,15 @@ class DifferentialExpression:
         ``is_de = local_fdr < fdr_threshold``.
     gene_names : sequence of str, optional
         Names of the genes (for null-gene names ``NULL_{i}_{name}`` and the FDR table).
-    replicate_null : bool, default False
+    replicate_null : bool, optional
         With ``predict(..., compute_mahalanobis=True)``, also call genes against the
-        replicate-aware null of :meth:`compute_replicate_fdr` with its defaults (sample
-        labels and shared landmarks needed); adds ``replicate_pvalue``,
-        ``replicate_fdr``, ``replicate_is_de`` and ``fdr_null`` to the results. Kompot's
-        null-gene FDR (``null_genes``) is unchanged.
+        replicate-aware null of :meth:`compute_replicate_fdr` with its defaults; adds
+        ``replicate_pvalue``, ``replicate_fdr``, ``replicate_is_de`` and ``fdr_null`` to
+        the results. ``None`` (default): on when :meth:`fit` gets the sample labels of
+        both conditions (at least 3 samples in all) and the conditions share landmarks,
+        off otherwise (``replicate_null_reason`` says why); ``True``: required (``fit``
+        raises, naming the fix, when it cannot run); ``False``: off. Kompot's null-gene
+        FDR (``null_genes``) is unchanged.
 
     Attributes
     ----------
@@ -99,6 +103,9 @@ class DifferentialExpression:
         Gene-level FDR from the null genes.
     replicate_fdr_results : pandas.DataFrame or None
         Gene-level calls against the sample-relabelling null (:meth:`compute_replicate_fdr`).
+    replicate_null_reason : str or None
+        After :meth:`fit`: why ``predict`` does not call genes against the relabelling
+        null (None when it does).
     """
 
     def __init__(
@@ -124,7 +131,7 @@ class DifferentialExpression:
         null_seed: int = 42,
         fdr_threshold: float = 0.05,
         gene_names: Sequence[str] | None = None,
-        replicate_null: bool = False,
+        replicate_null: bool | None = None,
     ):
         n_landmarks = check_count(n_landmarks, "n_landmarks", 0, allow_none=True)
         batch_size = check_count(batch_size, "batch_size", 1)
@@ -157,7 +164,9 @@ class DifferentialExpression:
         self.mahalanobis_branch: str | None = None
         self.null_mahalanobis_distances: np.ndarray | None = None
         self.fdr_results = None
-        self.replicate_null = bool(replicate_null)
+        self.replicate_null = _relabel.check_switch(replicate_null)
+        self.replicate_null_reason: str | None = None
+        self._replicate_on = False
         self.replicate_fdr_results = None
         self.replicate_null_result = None
         self._replicate_data = None
@@ -230,6 +239,8 @@ class DifferentialExpression:
         if has_labels and self.use_sample_variance is not False:  # fail before the fits, not after
             check_sample_counts([labels1, labels2], allow_single_condition_variance,
                                 (self.variance_predictor1, self.variance_predictor2))
+        if self.replicate_null:  # labels and samples first: before landmarks and length scale
+            _relabel.resolve_switch(True, _relabel.off_reason(labels1, labels2, True, False))
         self.n_features, self.n_genes = x1.shape[1], g1
         if self.gene_names is not None and len(self.gene_names) != g1:
             raise ValueError(f"`gene_names` has {len(self.gene_names)} names but the expression has {g1} genes")
@@ -245,6 +256,7 @@ class DifferentialExpression:
             ls = expression_length_scale(nn_distances(x1, float32=f32), ls_factor, f32, "X_condition1")
         self.ls = float(ls)
         kwargs["ls"] = self.ls
+        self._replicate_on, self.replicate_null_reason = self._replicate_switch(labels1, labels2, sample_estimator_ls)
         self._fit_kwargs = dict(kwargs)
         fitted = []
         for c, (x, y) in enumerate(((x1, y1), (x2, y2)), start=1):
@@ -335,6 +347,14 @@ class DifferentialExpression:
         if self.computed_landmarks is not None:
             kwargs.update(landmarks=self.computed_landmarks, gp_type="fixed")
         return kwargs
+
+    def _replicate_switch(self, labels1, labels2, sample_ls) -> tuple[bool, str | None]:
+        """Whether ``predict`` calls genes against the relabelling null (before any fit)."""
+        given = (self.function_predictor1, self.function_predictor2)
+        shared = (self.computed_landmarks is not None and given == (None, None)) or \
+            _relabel.on_shared_landmarks(*given)
+        own_ls = sample_ls is not None and not np.isclose(float(sample_ls), self.ls, rtol=1e-12, atol=0.0)
+        return _relabel.resolve_switch(self.replicate_null, _relabel.off_reason(labels1, labels2, shared, own_ls))
 
     @staticmethod
     def _sample_kwargs(kwargs: dict, predictor1: Any, sample_ls: float | None) -> dict:
@@ -440,8 +460,9 @@ class DifferentialExpression:
             ``neg_log10_ptp`` (χ² with ``df`` = number of features, the reference's
             choice) and ``neg_log10_ptp_df_points`` (``df`` = number of evaluation
             points); with null genes also ``mahalanobis_pvalue``, ``local_fdr``,
-            ``tail_fdr`` and ``is_de``; with ``replicate_null`` also ``replicate_pvalue``,
-            ``replicate_fdr``, ``replicate_is_de`` and ``fdr_null``. With a store: the
+            ``tail_fdr`` and ``is_de``; with the replicate null on (``replicate_null``)
+            also ``replicate_pvalue``, ``replicate_fdr``, ``replicate_is_de`` and
+            ``fdr_null``. With a store: the
             store opened lazily (dimensions ``cell``, ``gene``; the replicate calls are
             kept as ``replicate_fdr_results`` only), or the graph if ``compute=False``.
         """
@@ -476,7 +497,7 @@ class DifferentialExpression:
             self._keep_mahalanobis(out.arrays["mahalanobis_distances"], sink.read("_mahalanobis_all"), out.branch,
                                    out.fdr_table)
         replicate = None
-        if compute_mahalanobis and self.replicate_null:
+        if compute_mahalanobis and self._replicate_on:
             table = self.compute_replicate_fdr(landmarks_override=points)
             replicate = {"replicate_pvalue": table["pvalue"].to_numpy(), "replicate_fdr": table["fdr"].to_numpy(),
                          "replicate_is_de": table["is_de"].to_numpy(), "fdr_null": table.attrs["null"]}
@@ -586,6 +607,8 @@ class DifferentialExpression:
         seed: int = 0,
         use_landmarks: bool = True,
         landmarks_override: Any = None,
+        client: Any = None,
+        gene_batch: int | None = None,
     ):
         """Gene-level DE calls against a null built by relabelling samples between conditions.
 
@@ -602,7 +625,10 @@ class DifferentialExpression:
 
         Each relabelling reuses per-sample sums of the landmark fit (one pass over the
         cells for all relabellings) and costs landmark-sized algebra plus one Mahalanobis
-        pass over the genes (see :mod:`kompot_dask.differential._relabel`).
+        pass over the genes (see :mod:`kompot_dask.differential._relabel`). The sums and
+        the distances are dask tasks over (cell chunk × gene batch) blocks of the training
+        expression: on the cluster when it is read lazily (dask, zarr, as ``fit_from`` and
+        ``de()`` read it) and a client is active, else in this process.
 
         Parameters
         ----------
@@ -629,6 +655,12 @@ class DifferentialExpression:
         landmarks_override : array (p, n_features), optional
             Evaluation points, as for :meth:`compute_mahalanobis_distances` (the model
             must be in landmark mode).
+        client : distributed.Client or str, optional
+            Run the tasks on this cluster (default: the active client for lazily read
+            expression when the ``fit_on_cluster`` option is on).
+        gene_batch : int, optional
+            Genes per task (default: the ``gene_batch_size`` option, else planned from
+            the landmarks and samples).
 
         Returns
         -------
@@ -638,8 +670,6 @@ class DifferentialExpression:
             number of relabellings and of null distances, and the settings.
         """
         import pandas as pd
-
-        from . import _relabel
 
         if self.function_predictor1 is None or self._replicate_data is None:
             raise ValueError("fit the model first (with `condition1_sample_indices` and `condition2_sample_indices`)")
@@ -661,10 +691,13 @@ class DifferentialExpression:
         if use_sv and self._sample_ls_differs():
             raise ValueError("the replicate null rebuilds the per-sample models on the main model's length scale; "
                              "it does not support `sample_estimator_ls`")
-        result = _relabel.replicate_null_distances(
+        if gene_batch is not None:
+            gene_batch = check_count(gene_batch, "gene_batch", 1)
+        client = None if client is None else resolve_client(client)  # None: decided by where the expression is
+        result = replicate_null_distances(
             (self.function_predictor1, self.function_predictor2), data, self._fit_kwargs or {}, points, self.eps,
             self.n_genes, sample_variance=use_sv, max_relabellings=max_relabellings, null_gene_count=null_genes,
-            seed=seed, balance=balance)
+            seed=seed, balance=balance, client=client, gene_batch=gene_batch)
         calls = _relabel.replicate_fdr(result, thr, tail)
         index = pd.RangeIndex(self.n_genes) if self.gene_names is None else pd.Index(self.gene_names)
         table = pd.DataFrame({"mahalanobis": result.observed, "pvalue": calls["pvalue"], "fdr": calls["fdr"],
