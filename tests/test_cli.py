@@ -240,3 +240,23 @@ def test_zarr_output_is_written_out_of_core_and_matches_the_h5ad_output(tmp_path
     proc = _cli(["de", zarr_input, *COMPARE, *FAST, "--overwrite", "-o", zarr_input], tmp_path)
     assert proc.returncode != 0 and "is the input" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert _tree(zarr_input) == before
+
+
+def test_replicate_null_is_on_with_a_sample_column_and_can_be_switched_off(tmp_path):
+    """With --sample-col the relabelling calls are written by default (here asked for by the
+    flag over a config that says false); --no-replicate-null leaves them out and says why."""
+    (tmp_path / "cfg.json").write_text('{"replicate_null": false}')
+    prefix = "kompot_de_control_day_0_to_stim_2_5h_replicate_"
+    _ok(_cli(["de", INPUT, *COMPARE, *FAST, "--sample-col", "sample", "-c", "cfg.json", "--replicate-null",
+              "-o", "on.h5ad"], tmp_path))
+    _ok(_cli(["de", INPUT, *COMPARE, *FAST, "--sample-col", "sample", "--no-replicate-null", "-o", "off.h5ad"],
+             tmp_path))
+    on, off = anndata.read_h5ad(tmp_path / "on.h5ad"), anndata.read_h5ad(tmp_path / "off.h5ad")
+    fields = [f"{prefix}{name}_sample_var" for name in ("mahalanobis", "pvalue", "fdr", "is_de")]
+    assert set(fields) <= set(on.var) and not any(c.startswith(prefix) for c in off.var)
+    pvalue = on.var[fields[1]].to_numpy()
+    assert np.isfinite(pvalue).all() and ((pvalue > 0) & (pvalue <= 1)).all()
+    assert _history(on, "kompot_de")["fdr_null"]["replicate_fdr"]["null"] is not None
+    assert _history(off, "kompot_de")["fdr_null"]["replicate_fdr"] == {"null": None, "reason": "replicate_null=False"}
+    key = "kompot_de_control_day_0_to_stim_2_5h_mahalanobis_sample_var"
+    np.testing.assert_allclose(on.var[key].to_numpy(), off.var[key].to_numpy(), rtol=1e-10)

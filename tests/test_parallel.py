@@ -86,7 +86,12 @@ def test_expression_store_matches_in_memory(case, de_model, de_reference, tmp_pa
     assert ds.attrs["kompot_dask"]["complete"]
     assert ds["fold_change"].dims == ("cell", "gene") and ds["fold_change"].chunks[0][0] == cell_chunk
     _assert_same(ds, de_reference)
-    assert set(de_reference) - set(ds) == {"condition1_smoothed", "condition2_smoothed"}
+    replicate = {"replicate_pvalue", "replicate_fdr", "replicate_is_de", "fdr_null"}
+    assert set(de_reference) - set(ds) == {"condition1_smoothed", "condition2_smoothed"} | replicate
+    # With a store the relabelling calls (on by default with sample labels) stay on the model.
+    table = de_model.replicate_fdr_results
+    np.testing.assert_allclose(table["pvalue"].to_numpy(), de_reference["replicate_pvalue"], **TOL)
+    np.testing.assert_array_equal(table["is_de"].to_numpy(), de_reference["replicate_is_de"])
 
 
 def test_float32_layers(case, de_model, de_reference, tmp_path):

@@ -31,7 +31,8 @@ CLI_ONLY = ()  # `stages` of options used by the command line itself, not passed
 class Option:
     """One option: its flags, how a value is read, and which analyses receive it.
 
-    ``parse=None`` makes a switch (``store_true``). ``stages`` lists the analyses whose
+    ``parse=None`` makes a switch (``store_true``; with ``negatable`` also ``--no-<flag>``,
+    and unset passes nothing, so the library decides). ``stages`` lists the analyses whose
     function gets it as keyword ``kwarg`` (default: the option's name); an empty
     ``stages`` marks an option of the command line itself. ``commands`` limits the
     subcommands that show it (default: those running one of ``stages``, or all).
@@ -47,6 +48,7 @@ class Option:
     metavar: str | None = None
     group: str = "analysis"
     default: Any = None
+    negatable: bool = False
 
     @property
     def switch(self) -> bool:
@@ -100,8 +102,9 @@ OPTIONS: tuple[Option, ...] = (
            stages=("de",)),
     Option("store_additional_stats", ("--store-additional-stats",), "DE: also store p-values, tail FDR, "
            "-log10 PTP and z-scores", stages=("de",)),
-    Option("replicate_null", ("--replicate-null",), "DE: also call genes against the sample-relabelling null "
-           "(needs --sample-col; runs in memory: -o *.h5ad)", stages=("de",)),
+    Option("replicate_null", ("--replicate-null",), "DE: call genes against the sample-relabelling null as "
+           "well (on by default with --sample-col and at least 3 samples; --replicate-null requires it, "
+           "--no-replicate-null switches it off)", stages=("de",), negatable=True),
     Option("store_landmarks", ("--store-landmarks",), "store the landmarks in uns (reused by later runs)"),
     Option("overwrite", ("--overwrite",), "replace Kompot fields of an earlier run, and an existing output "
            "file", stages=CLI_ONLY, commands=_ANALYSE, group="output"),  # always passed to da()/de()
@@ -161,8 +164,9 @@ def build_parser(version: str) -> argparse.ArgumentParser:
         for option in OPTIONS:
             if not option.shown_on(name):
                 continue
-            extra: dict[str, Any] = {"action": "store_true"} if option.switch else {
-                "type": _for_argparse(option), "metavar": option.metavar}
+            extra: dict[str, Any] = {"type": _for_argparse(option), "metavar": option.metavar}
+            if option.switch:
+                extra = {"action": argparse.BooleanOptionalAction if option.negatable else "store_true"}
             groups[option.group].add_argument(*option.flags, dest=option.dest, help=option.help,
                                               default=argparse.SUPPRESS, **extra)
         _add_common(sub)
@@ -233,7 +237,8 @@ def read_config(path: str) -> dict[str, Any]:
 def merged(namespace: argparse.Namespace) -> dict[str, Any]:
     """Every option's value: defaults, overridden by the config file, overridden by flags."""
     given = vars(namespace)
-    values = {option.dest: (False if option.switch else option.default) for option in OPTIONS}
+    values = {option.dest: (False if option.switch and not option.negatable else option.default)
+              for option in OPTIONS}
     if "config" in given:
         values.update(read_config(given["config"]))
     values.update({k: v for k, v in given.items() if k in BY_DEST})
@@ -265,7 +270,7 @@ def analysis_kwargs(values: dict[str, Any], stage: str) -> dict[str, Any]:
         if stage not in option.stages:
             continue
         value = values[option.dest]
-        if value is None or (option.switch and not value):
+        if value is None or (option.switch and not option.negatable and not value):
             continue
         kwargs[option.keyword()] = value
     return kwargs

@@ -63,6 +63,20 @@ def share(obj: Any, name: str, client: Any = None):
     return dask.delayed(obj, name=name, traverse=False)
 
 
+def _show_progress(future: Any) -> None:
+    """distributed's progress bar: a widget in a Jupyter kernel that has ipywidgets, text
+    everywhere else; it returns when ``future`` is done."""
+    from distributed import progress
+
+    try:
+        import ipywidgets  # noqa: F401  (distributed picks the widget bar in a kernel)
+
+        notebook = None
+    except ImportError:
+        notebook = False
+    progress(future, notebook=notebook)
+
+
 def run_graph(build: Callable[[], Any], client: Any = None) -> Any:
     """Build a graph with ``build()`` and compute it: on ``client`` (one retry per task), else
     in this process, task by task; with a progress bar (on stderr) if the ``progress``
@@ -85,9 +99,7 @@ def run_graph(build: Callable[[], Any], client: Any = None) -> Any:
         future = client.compute(build(), retries=1)
         try:
             if get_options()["progress"]:
-                from distributed import progress
-
-                progress(future)
+                _show_progress(future)
             return future.result()
         except CancelledError as err:
             if attempt == ATTEMPTS:
