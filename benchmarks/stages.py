@@ -4,7 +4,7 @@
     python benchmarks/stages.py --cells N --genes G [--landmarks 5000] [--null-genes 2000]
                                 [--batch-size 100] [--dims 10] [--samples 3]
                                 [--stages fit,impute,variance,sigma,mahalanobis,da] [--de-total]
-                                [--json out.json]
+                                [--kompot-seconds S] [--json out.json]
 
 The atlas is :func:`kompot_dask.testing.simulate_atlas` (two conditions, no sample column).
 DE runs at ``de()``'s defaults: ``n_landmarks=5000`` shared k-means landmarks (all cells
@@ -228,7 +228,8 @@ def de_total(inp: Inputs, null_genes: int, landmarks: int, batch_size: int) -> f
 
 
 # ------------------------------------------------------------------------------ report
-def report(seconds: dict, cpu: dict, sizes: dict, gemm: float) -> list[dict]:
+def report(seconds: dict, cpu: dict, sizes: dict, gemm: float, kompot_seconds: float | None = None) -> list[dict]:
+    """Print the per-stage table and the arithmetic floor; return the rows."""
     rows = []
     print(f"\n{'stage':<12s} {'GFLOP':>10s} {'seconds':>9s} {'cpu s':>8s} {'GFLOP/s':>9s} {'% GEMM':>7s}")
     for name, sec in seconds.items():
@@ -241,7 +242,14 @@ def report(seconds: dict, cpu: dict, sizes: dict, gemm: float) -> list[dict]:
         print(f"{name:<12s} {flop / 1e9:10.1f} {sec:9.2f} {cpu.get(name, float('nan')):8.1f} {rate:9.2f} "
               f"{100 * rate / gemm:6.1f}%")
     total = sum(r["seconds"] for r in rows)
-    print(f"{'total':<12s} {sum(r['gflop'] for r in rows):10.1f} {total:9.2f}")
+    gflop = sum(r["gflop"] for r in rows)
+    print(f"{'total':<12s} {gflop:10.1f} {total:9.2f}")
+    if rows:
+        floor = gflop / gemm
+        print(f"every stage at the GEMM rate: {floor:.1f} s (the least time this arithmetic takes on this machine)")
+        if kompot_seconds:
+            print(f"against Kompot's {kompot_seconds:.1f} s: {kompot_seconds / total:.1f}x as measured here, "
+                  f"at most {kompot_seconds / floor:.1f}x at the GEMM rate")
     return rows
 
 
@@ -258,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gemm-size", type=int, default=4000)
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--de-total", action="store_true", help="also time DifferentialExpression fit + predict")
+    ap.add_argument("--kompot-seconds", type=float, help="Kompot's da + de wall time on this atlas (from "
+                    "vs_kompot.py): also print the speed-up these stages allow at the GEMM rate")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
     wanted = [s for s in args.stages.split(",") if s]
@@ -280,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     gemm_after = gemm_rate(args.gemm_size)
     gemm = max(gemm_before, gemm_after)
     print(f"numpy float64 GEMM after the stages: {gemm_after:.1f} GFLOP/s; rates below are against {gemm:.1f}")
-    rows = report(seconds, extra.get("cpu_seconds", {}), sizes, gemm)
+    rows = report(seconds, extra.get("cpu_seconds", {}), sizes, gemm, args.kompot_seconds)
     info["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     out = {"machine": info, "gemm_gflops": [gemm_before, gemm_after], "sizes": sizes, "batch_size": args.batch_size,
            "stages": rows, "seconds": seconds, "extra": extra}
