@@ -44,6 +44,13 @@ def _positive_int(value: Any) -> bool:
     return _as_positive_int(value) is not None
 
 
+def _non_negative_int(value: Any) -> bool:
+    import numpy as np
+
+    return _as_positive_int(value) is not None or (
+        isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value == 0)
+
+
 _VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cell_chunk_size": (_positive_int_or_none, "None or a positive int (cells per chunk)"),
     "chunk_memory_bytes": (_positive_int, "a positive int (bytes for one cells x landmarks block)"),
@@ -51,6 +58,7 @@ _VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "progress": (lambda v: isinstance(v, bool), "a bool"),
     "fit_on_cluster": (lambda v: isinstance(v, bool), "a bool"),
     "worker_memory_target": (_positive_int_or_none, "None or a positive int (bytes per task)"),
+    "factor_rows_bytes": (_non_negative_int, "a non-negative int (bytes; 0 turns the cache off)"),
 }
 
 _OPTIONS: dict[str, Any] = {
@@ -60,6 +68,7 @@ _OPTIONS: dict[str, Any] = {
     "progress": False,
     "fit_on_cluster": True,
     "worker_memory_target": None,
+    "factor_rows_bytes": 2**30,
 }
 
 
@@ -113,6 +122,14 @@ class set_options:
         Bytes one prediction task may use; block shapes of ``predict_abundance`` and
         ``predict_expression`` are chosen to fit it when not given. ``None``: 60% of the
         smallest worker memory limit of the client, or 2 GiB without one.
+    factor_rows_bytes : int
+        A landmark density fit keeps its cells' factor rows ``L = K_XU Lp⁻ᵀ`` (cells x
+        landmarks, float64) in memory while it fits when they take at most this many
+        bytes (default 1 GiB; 0: never; on a cluster also at most half of
+        ``worker_memory_target``, kept on the workers beside their chunks), so each
+        objective evaluation is two matrix-vector products instead of a kernel
+        evaluation over every cell. Larger fits recompute the kernel per evaluation,
+        with memory bounded by ``chunk_memory_bytes``.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -124,8 +141,8 @@ class set_options:
             if not check(value):
                 msg = f"option {key!r} must be {expected}, got {value!r}"
                 raise ValueError(msg)
-            if check in (_positive_int, _positive_int_or_none) and value is not None:
-                kwargs[key] = _as_positive_int(value)
+            if check in (_positive_int, _positive_int_or_none, _non_negative_int) and value is not None:
+                kwargs[key] = _as_positive_int(value) or 0
         self._previous = {key: _OPTIONS[key] for key in kwargs}
         _OPTIONS.update(kwargs)
 

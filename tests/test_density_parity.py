@@ -148,3 +148,33 @@ def test_the_log_reports_iterations_and_suggests_the_faster_optimizer(density_la
     assert capped.optimizer_result.nit == 3
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "stopped at its iteration limit (maxiter=3)" in warning.getMessage()
+
+
+def test_kept_factor_rows_give_the_fit_without_them(density_landmarks, monkeypatch):
+    """A landmark fit that keeps its rows ``L = K_XU Lp⁻ᵀ`` (``factor_rows_bytes``) takes the
+    same optimiser path as one that evaluates the kernel per objective call, and never
+    evaluates the kernel in its objective (counted at the kernel)."""
+    from kompot_dask.kernels import density as dk
+
+    case, calls = density_landmarks, []
+    counted = dk.cells_loglik_grad
+    monkeypatch.setattr(dk, "cells_loglik_grad", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    fits = {}
+    for budget in (2**30, 0):
+        calls.clear()
+        with kd.set_options(factor_rows_bytes=budget):
+            fits[budget] = kd.DensityEstimator(**_settings(case)).fit(case["in_X"])
+        fits[budget].kernel_calls = len(calls)
+    kept, recomputed = fits[2**30], fits[0]
+    assert kept.kernel_calls == 0 and recomputed.kernel_calls >= recomputed.optimizer_result.nfev
+    assert kept.optimizer_result.nit == recomputed.optimizer_result.nit
+    z = recomputed.pre_transformation
+    np.testing.assert_allclose(kept.pre_transformation, z, rtol=0, atol=1e-8 * np.abs(z).max())
+    np.testing.assert_allclose(kept.pre_transformation_std, recomputed.pre_transformation_std, rtol=1e-8)
+    x = case["in_X_query"]
+    np.testing.assert_allclose(kept.predict(x), recomputed.predict(x), rtol=0, atol=1e-8)
+    assert_close(kept.predict(x, normalize=True), case["out_log_density_query"], atol=1e-3)
+    with kd.set_options(factor_rows_bytes=8 * len(case["in_X"]) * len(case["in_landmarks"]) - 1):
+        calls.clear()
+        kd.DensityEstimator(**_settings(case)).fit(case["in_X"])
+    assert len(calls) > 0  # one byte short of the rows: the kernel is evaluated per call

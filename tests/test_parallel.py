@@ -455,3 +455,28 @@ def test_function_fit_reads_expression_on_the_workers(case, cluster, tmp_path):
     for model in (on_zarr, on_xarray):
         _assert_close_to_scale(model.predict(query), local.predict(query))
         _assert_close_to_scale(model.predict.obs_variance(query), local.predict.obs_variance(query))
+
+
+def test_density_fit_keeps_its_factor_rows_on_the_workers(density_landmarks, cluster):
+    """On a cluster the landmark fit's rows ``L_c`` are computed once per chunk by a task
+    beside the chunk (counted in the scheduler's task stream) and give the in-process fit."""
+    distributed = pytest.importorskip("distributed")
+    x, settings = density_landmarks["in_X"], dict(landmarks=density_landmarks["in_landmarks"], gp_type="fixed",
+                                                  predictor_with_uncertainty=True)
+    with kd.set_options(cell_chunk_size=150):
+        local = kd.DensityEstimator(**settings).fit(x)
+        n_chunks = -(-len(x) // 150)
+        runs = {}
+        with distributed.Client(cluster) as client:
+            for budget in (2**30, 0):
+                with kd.set_options(factor_rows_bytes=budget), distributed.get_task_stream(client) as stream:
+                    model = kd.DensityEstimator(**settings).fit(x)
+                keys = [str(t["key"]) for t in stream.data]
+                runs[budget] = (model, {k for k in keys if "-with-factor-rows-" in k},
+                                {k for k in keys if "-loglik-grad-" in k})
+    kept, rows, evaluations = runs[2**30]
+    assert len(rows) == n_chunks and len(evaluations) >= n_chunks * kept.optimizer_result.nfev
+    assert not runs[0][1] and runs[0][2]  # budget 0: no rows kept, the objective still ran on the workers
+    z = local.pre_transformation
+    np.testing.assert_allclose(kept.pre_transformation, z, rtol=0, atol=1e-8 * np.abs(z).max())
+    np.testing.assert_allclose(kept.predict(x), local.predict(x), **TOL)

@@ -324,3 +324,15 @@ def test_int_options_take_numpy_integers(key):
         with pytest.raises(ValueError, match=rf"option '{key}' must be .*a positive int"):
             kd.set_options(**{key: bad})
     assert kd.get_options()[key] == before
+
+
+def test_factor_rows_bytes_takes_zero_and_positive_integers_only():
+    before = kd.get_options()["factor_rows_bytes"]
+    for value, stored in ((0, 0), (np.int64(0), 0), (np.uint16(7), 7), (2**31, 2**31)):
+        with kd.set_options(factor_rows_bytes=value):
+            got = kd.get_options()["factor_rows_bytes"]
+            assert got == stored and type(got) is int
+    for bad in (True, False, np.bool_(False), 0.0, 5.0, -1, np.int64(-1), "5", None):
+        with pytest.raises(ValueError, match=r"option 'factor_rows_bytes' must be a non-negative int"):
+            kd.set_options(factor_rows_bytes=bad)
+    assert kd.get_options()["factor_rows_bytes"] == before

@@ -10,6 +10,9 @@ only that chunk (:class:`DensityChunk`) and the landmark-sized :class:`Prior`:
   ``Phi_c^T (1 - e)``;
 * :func:`hessian_diag`: the Laplace diagonal ``(L_c**2)^T e``.
 
+A landmark chunk may carry its rows ``L_c = K_cU Lp⁻ᵀ`` (:func:`with_factor_rows`, when
+they fit in memory): it is then a full-mode chunk with ``Phi_c = L_c`` and ``T = I``.
+
 A reducer (:mod:`kompot_dask.execution.reduce`) sums one of them over all chunks, here or on a dask cluster.
 """
 
@@ -24,7 +27,7 @@ from ..kernels import covariance as cov
 from ..kernels import density as dk
 from ..kernels import posterior as post
 
-__all__ = ["DensityChunk", "Prior", "gram_rhs", "loglik_grad", "hessian_diag"]
+__all__ = ["DensityChunk", "Prior", "gram_rhs", "loglik_grad", "hessian_diag", "with_factor_rows"]
 
 
 class DensityChunk(NamedTuple):
@@ -51,6 +54,16 @@ def _factor_rows(chunk: DensityChunk, prior: Prior) -> np.ndarray:
         return np.asarray(chunk.phi)
     k_uc = np.asfortranarray(cov.matern52(prior.inducing, chunk.x, prior.ls))
     return post.solve_lower(prior.lp, k_uc).T
+
+
+@with_x64
+def with_factor_rows(chunk: DensityChunk, prior: Prior) -> DensityChunk:
+    """A landmark chunk carrying its factor rows ``L_c = K_cU Lp⁻ᵀ`` as ``phi``.
+
+    Every term then reads ``phi`` instead of evaluating the kernel, and the objective
+    takes ``w = z`` (``K_cU Lp⁻ᵀ z = L_c z``): the fit's form with ``T = I``.
+    """
+    return chunk._replace(phi=_factor_rows(chunk, prior), x=None)
 
 
 @with_x64

@@ -15,7 +15,7 @@ from ..kernels import covariance as cov
 from ..kernels import neighbors as nb
 from ..kernels import posterior as post
 from . import _shared_factors as shared_factors
-from ._density_terms import DensityChunk, Prior, gram_rhs, hessian_diag, loglik_grad
+from ._density_terms import DensityChunk, Prior, gram_rhs, hessian_diag, loglik_grad, with_factor_rows
 from ..execution.reduce import LocalChunks, open_reducer
 from ._inputs import as_cell_states, check_count, check_landmarks, check_positive
 from ..execution.plan import row_slices
@@ -287,10 +287,15 @@ class DensityEstimator:
         prior = Prior(None if full else np.asarray(inducing), lp, float(self.ls))
         with open_reducer(chunks, "density") as reducer:
             shared = reducer.share(prior)
+            landmark = not full
+            if landmark and 8 * len(x) * len(inducing) <= reducer.row_budget():
+                # f = K_XU Lp⁻ᵀ z = L z: with L's rows kept, the objective takes the full-GP form
+                reducer.replace_chunks(with_factor_rows, shared)
+                landmark = False
             gram, rhs = reducer.reduce(gram_rhs, shared)
             factor = _ridge_factor(gram)
             self.initial_value = post.solve_lower_t(factor, post.solve_lower(factor, rhs))
-            objective = _Objective(reducer, shared, lp, not full, float(self.mu))
+            objective = _Objective(reducer, shared, lp, landmark, float(self.mu))
             if self.optimizer == "preconditioned":
                 objective = _Preconditioned(objective, factor)
                 start = objective.from_latent(self.initial_value)
