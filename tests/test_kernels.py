@@ -140,3 +140,37 @@ def test_kmeans_plusplus_is_greedy_kmeans_plusplus():
         centers.append(x[cand[best]])
         closest = pots[best]
     np.testing.assert_array_equal(got, np.array(centers))
+
+
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_lapack_factor_helpers_against_their_definitions(m):
+    """cholesky_lower reads the lower triangle only (like numpy) and gives a C-ordered L with
+    L Lᵀ = a; triangular_inverse and lower_gram equal a solve against I and Lᵀ L, for both
+    memory orders of L; a matrix that is not positive definite or not finite is refused."""
+    import scipy.linalg
+
+    from kompot_dask.kernels import posterior as post
+
+    rng = np.random.default_rng(m)
+    a = rng.standard_normal((m, m))
+    k = a @ a.T + 0.1 * np.eye(m)
+    upper_changed = k.copy()
+    upper_changed[np.triu_indices(m, 1)] += 1e-3  # never read
+    for given in (upper_changed, np.asfortranarray(upper_changed)):
+        lower = post.cholesky_lower(given, "k")
+        assert lower.flags.c_contiguous and np.array_equal(lower, np.tril(lower))
+        np.testing.assert_allclose(lower @ lower.T, k, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(lower, np.linalg.cholesky(k), rtol=1e-10, atol=1e-12)
+    for factor in (lower, np.asfortranarray(lower)):
+        inverse = post.triangular_inverse(factor)
+        assert np.array_equal(inverse, np.tril(inverse))
+        np.testing.assert_allclose(inverse, scipy.linalg.solve_triangular(lower, np.eye(m), lower=True),
+                                   rtol=1e-10, atol=1e-12)
+        gram = post.lower_gram(factor)
+        assert np.array_equal(gram, gram.T)
+        np.testing.assert_allclose(gram, lower.T @ lower, rtol=1e-12, atol=1e-12)
+    bad = k.copy()
+    bad[0, 0] = -1.0
+    for matrix in (bad, np.where(np.eye(m, dtype=bool), np.nan, k)):
+        with pytest.raises(post.FactorError, match="named"):
+            post.cholesky_lower(matrix, "named")

@@ -102,7 +102,7 @@ def point_terms(gp: LandmarkGP, points: np.ndarray, eps: float) -> PointTerms:
         m = len(points)
         d = gp.jitter * post.solve_lower(gp.lp, np.eye(m))
         return PointTerms(gp.lp.T - d, gp.jitter * np.eye(m) - d.T @ d, float(eps))
-    a_p = post.solve_lower(gp.lp, np.asfortranarray(matern52(gp.inducing, points, gp.ls)))
+    a_p = post.solve_lower(gp.lp, np.asfortranarray(matern52(gp.inducing, points, gp.ls)), overwrite=True)
     k_pp = np.asarray(matern52(points, points, gp.ls), dtype=np.float64)
     return PointTerms(a_p, k_pp - a_p.T @ a_p, float(eps))
 
@@ -120,7 +120,7 @@ def _add(*parts: np.ndarray) -> np.ndarray:
 def _gram_task(gp: LandmarkGP, x: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     """``A W Aᵀ`` over the cells ``x`` of one sample (a cell of weight ω counts as an
     observation of noise variance σ²/ω)."""
-    a = post.solve_lower(gp.lp, np.asfortranarray(matern52(gp.inducing, x, gp.ls)))
+    a = post.solve_lower(gp.lp, np.asfortranarray(matern52(gp.inducing, x, gp.ls)), overwrite=True)
     if weights is not None:
         a = a * np.sqrt(weights)
     return post.gram(a.T)

@@ -53,7 +53,7 @@ def _factor_rows(chunk: DensityChunk, prior: Prior) -> np.ndarray:
     if chunk.phi is not None:
         return np.asarray(chunk.phi)
     k_uc = np.asfortranarray(cov.matern52(prior.inducing, chunk.x, prior.ls))
-    return post.solve_lower(prior.lp, k_uc).T
+    return post.solve_lower(prior.lp, k_uc, overwrite=True).T
 
 
 @with_x64

@@ -57,7 +57,7 @@ class FunctionPrior(NamedTuple):
 
 def _projection(x: np.ndarray, prior: FunctionPrior) -> np.ndarray:
     """``A_c = Lp⁻¹ K_Uc`` (M × c), the triangular solve in LAPACK."""
-    return post.solve_lower(prior.lp, np.asfortranarray(cov.matern52(prior.inducing, x, prior.ls)))
+    return post.solve_lower(prior.lp, np.asfortranarray(cov.matern52(prior.inducing, x, prior.ls)), overwrite=True)
 
 
 @with_x64

@@ -88,7 +88,7 @@ def cell_projection(x: np.ndarray, inducing: np.ndarray, lp: np.ndarray, ls: flo
     last = getattr(_LOCAL, "last", None)
     if last is not None and last[0] == key and last[1]() is lp:
         return last[2]
-    a = post.solve_lower(lp, np.asfortranarray(cov.matern52(inducing, x, ls)))
+    a = post.solve_lower(lp, np.asfortranarray(cov.matern52(inducing, x, ls)), overwrite=True)
     base = np.asarray(cov.matern52_diag(x, ls)) - post.column_sq_norms(a)
     a.setflags(write=False)
     base.setflags(write=False)

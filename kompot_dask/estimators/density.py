@@ -294,7 +294,7 @@ class DensityEstimator:
                 landmark = False
             gram, rhs = reducer.reduce(gram_rhs, shared)
             factor = _ridge_factor(gram)
-            self.initial_value = post.solve_lower_t(factor, post.solve_lower(factor, rhs))
+            self.initial_value = post.solve_lower_t(factor, post.solve_lower(factor, rhs), overwrite=True)
             objective = _Objective(reducer, shared, lp, landmark, float(self.mu))
             if self.optimizer == "preconditioned":
                 objective = _Preconditioned(objective, factor)
@@ -356,7 +356,7 @@ class DensityEstimator:
 
 def _chunk_variances(xc: np.ndarray, st: DensityState, s2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``covariance`` and ``mean_covariance`` diagonals of a chunk (SPEC §2.8), ``B = Lp⁻¹ K_Zx``."""
-    b = post.solve_lower(st.lp, np.asfortranarray(cov.matern52(st.inducing, xc, st.ls)))
+    b = post.solve_lower(st.lp, np.asfortranarray(cov.matern52(st.inducing, xc, st.ls)), overwrite=True)
     b2 = b * b
     return np.asarray(cov.matern52_diag(xc, st.ls)) - np.sum(b2, axis=0), s2 @ b2
 

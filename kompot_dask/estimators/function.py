@@ -263,7 +263,7 @@ class FunctionEstimator:
         ls, mu = self.ls, self.mu
         yy = read_rows(y, slice(0, len(x)))
         lf = post.cholesky_lower(_shifted_kernel(x, ls, self._noise), "K_XX + sigma^2 I")
-        weights = post.solve_lower_t(lf, post.solve_lower(lf, yy - mu))
+        weights = post.solve_lower_t(lf, post.solve_lower(lf, yy - mu, overwrite=True), overwrite=True)
         state = FunctionState(x, weights, lf, None, mu, ls, len(x), one_d)
         if not self.obs_variance:
             return state
@@ -271,7 +271,7 @@ class FunctionEstimator:
         fitted = fk.predict_mean(x, x, weights, mu, ls)
         e2 = np.asarray(fk.hc3_squared_residuals(yy, fitted, h))
         lv = post.cholesky_lower(_shifted_kernel(x, ls, self.sigma**2 + self.jitter), "K_XX + (sigma^2 + jitter) I")
-        obs_w = post.solve_lower_t(lv, post.solve_lower(lv, e2))
+        obs_w = post.solve_lower_t(lv, post.solve_lower(lv, e2), overwrite=True)
         return state._replace(train_leverage=np.asarray(h), obs_weights=obs_w)
 
 

@@ -69,8 +69,8 @@ def _cholesky_jitter(sigma: np.ndarray, eps: float) -> np.ndarray:
     a = np.array(sigma, dtype=np.float64)
     a[np.diag_indices_from(a)] += eps
     try:
-        return np.linalg.cholesky(a)
-    except np.linalg.LinAlgError:
+        return posterior.cholesky_lower(a, "Σ + eps I")
+    except posterior.FactorError:
         return np.full_like(a, np.nan)
 
 
