@@ -130,3 +130,33 @@ def test_in_memory_blocks_take_batch_size_as_a_lower_bound():
         sizes = [b.stop - b.start for b in memory_blocks(1000, 100, None, (predictor(500),), (variance,), 2000)]
         assert sizes == [256] * 3 + [232]  # cell_chunk_rows' floor of 256 rows
         assert [b.stop - b.start for b in memory_blocks(1000, 100, 37, (predictor(5000),))][:2] == [37, 37]
+
+
+def test_variances_at_the_landmarks_come_from_sigma(monkeypatch):
+    """When every query cell is an evaluation point (the landmarks are all the cells, as at
+    Kompot's defaults up to 5,000 cells), the cells' latent variances are read from
+    ``diag Σc`` and give what the per-chunk variance tasks give; the tasks that ran are
+    counted at the pipeline's functions."""
+    from kompot_dask.differential import pipeline
+    from kompot_dask.testing import simulate_atlas
+
+    atlas = simulate_atlas(n_cells=300, n_genes=12, n_samples=2, dims=3, seed=4)
+    first = atlas.condition == atlas.condition[0]
+    x1, x2 = atlas.x[first], atlas.x[~first]
+    y = np.asarray(atlas.y, dtype=np.float64)
+    model = kd.DifferentialExpression(n_landmarks=400, random_state=0).fit(x1, y[first], x2, y[~first])
+    assert len(model.computed_landmarks) == 300  # at most n_landmarks cells: every cell is a landmark
+    calls = {"sigma": 0, "chunk": 0}
+    for name, key in (("_variance_from_sigma", "sigma"), ("_variance_task", "chunk")):
+        inner = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name, lambda *a, _f=inner, _k=key: calls.__setitem__(_k, calls[_k] + 1) or _f(*a))
+    order = np.random.default_rng(0).permutation(300)
+    cells = atlas.x[order]
+    reused = model.predict(cells, compute_mahalanobis=True, cell_chunk=64)
+    assert calls == {"sigma": 5, "chunk": 0}
+    off_map = np.vstack([cells, cells[:1] + 1e-3])  # one cell that is no landmark: per-chunk variances
+    computed = model.predict(off_map, compute_mahalanobis=True, cell_chunk=64)
+    assert calls == {"sigma": 5, "chunk": 5}
+    for key in ("condition1_std", "condition2_std", "fold_change_zscores"):
+        np.testing.assert_allclose(reused[key], computed[key][:300], rtol=1e-8, atol=1e-12, err_msg=key)
+    np.testing.assert_allclose(reused["mahalanobis_distances"], computed["mahalanobis_distances"], rtol=1e-12)

@@ -9,7 +9,7 @@ import numpy as np
 from ..kernels import mahalanobis as mk
 from ._variance import variance_factor
 
-__all__ = ["evaluation_points", "sample_factor"]
+__all__ = ["evaluation_points", "point_rows", "sample_factor"]
 
 
 def evaluation_points(
@@ -21,6 +21,20 @@ def evaluation_points(
     if use_landmarks and landmarks is not None:
         return np.asarray(landmarks, dtype=np.float64), False
     return x, True
+
+
+def point_rows(x: np.ndarray, points: np.ndarray | None) -> np.ndarray | None:
+    """For every cell of ``x``, the row of ``points`` with the very same coordinates, or None
+    unless every cell has one (as when the landmarks are all the cells, Kompot's default
+    for at most 5,000 cells, or the distances are evaluated at the cells themselves)."""
+    if points is None or len(x) > len(points) or x.shape[1:] != points.shape[1:]:
+        return None
+    if x is points:
+        return np.arange(len(x))
+    index = {row.tobytes(): i for i, row in enumerate(np.ascontiguousarray(points, dtype=np.float64))}
+    rows = np.fromiter((index.get(row.tobytes(), -1) for row in np.ascontiguousarray(x, dtype=np.float64)),
+                       dtype=np.intp, count=len(x))
+    return None if (rows < 0).any() else rows
 
 
 def sample_factor(vp1: Any, vp2: Any, points: np.ndarray, n_genes: int, genes: slice | None = None) -> np.ndarray | None:

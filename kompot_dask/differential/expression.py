@@ -20,7 +20,7 @@ from ._blocks import EXPRESSION_KEYS, STD_KEYS
 from ._runs import check_run_arguments, finish_run, memory_blocks, model_token, open_sink, planned_blocks
 from ._checks import check_conditions, check_ptp_threshold, check_sample_labels, check_sample_variance_request
 from ._expression_model import ConditionModel, expression_length_scale, fit_empirical_variance
-from ._mahalanobis_inputs import evaluation_points
+from ._mahalanobis_inputs import evaluation_points, point_rows
 from ._null_genes import draw_null_genes
 from ._relabel_graph import replicate_null_distances
 from ._variance import check_sample_counts, fit_sample_variances
@@ -489,7 +489,7 @@ class DifferentialExpression:
         meta = {"kind": "expression", "n_cells": len(x), "n_genes": self.n_genes}
         sink = open_sink(store, token, meta, overwrite)
         build = pipeline.expression_graph(model, x, sink, cells, batch, points, args["dtype"],
-                                          pipeline.run_tag(token, sink), client)
+                                          pipeline.run_tag(token, sink), client, point_rows(x, points))
         out = pipeline.run(build, client, compute)
         if not compute:
             return out

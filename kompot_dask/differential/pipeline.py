@@ -75,11 +75,13 @@ class ExpressionModel(NamedTuple):
 
 
 class SigmaParts(NamedTuple):
-    """``Σ1 + Σ2`` at the evaluation points, the branch of SPEC §6.5 and the shared factor."""
+    """``Σ1 + Σ2`` at the evaluation points, the branch of SPEC §6.5 and the shared factor;
+    ``diagonals``: each condition's own ``diag Σc``, the latent variances at the points."""
 
     sigma: np.ndarray
     lower: np.ndarray | None
     branch: str
+    diagonals: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class GeneResults(NamedTuple):
@@ -97,11 +99,14 @@ def sigma_stage(model: ExpressionModel, points: np.ndarray) -> SigmaParts:
     has_sv = m1.variance_predictor is not None or m2.variance_predictor is not None
     has_ev = m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None
     with x64():
-        sigma = m1.covariance(points, diag=False) + m2.covariance(points, diag=False)
+        sigma1, sigma2 = m1.covariance(points, diag=False), m2.covariance(points, diag=False)
+        diagonals = (np.diagonal(sigma1).copy(), np.diagonal(sigma2).copy())
+        sigma = np.add(sigma1, sigma2, out=sigma1)
+        del sigma2
         branch = mk.select_branch(len(points), mk.diag_ratio(sigma), has_sv, has_ev)
         shared_branch = branch in (mk.BRANCH_SHARED, mk.BRANCH_FACTOR_TRICK, mk.BRANCH_WOODBURY)
         lower = np.asarray(mk.shared_cholesky(sigma, model.eps)) if shared_branch else None
-    return SigmaParts(np.asarray(sigma), lower, branch)
+    return SigmaParts(np.asarray(sigma), lower, branch, diagonals)
 
 
 def mahalanobis_stage(model: ExpressionModel, points: np.ndarray, parts: SigmaParts, genes: slice,
@@ -161,9 +166,21 @@ def _finish_abundance_task(sink, blocks, meta):
     return GeneResults({}, None, None)
 
 
-def _expression_task(model: ExpressionModel, x_chunk, rows, genes, index, sink, per_gene):
+def _variance_task(model: ExpressionModel, x_chunk) -> tuple[np.ndarray, np.ndarray]:
+    """Both conditions' latent variances at a chunk of cells (gene independent: one task per
+    cell chunk, shared by its gene batches)."""
     with x64():
-        block = expression_block(model.condition1, model.condition2, x_chunk, genes, model.eps)
+        return model.condition1.covariance(x_chunk, diag=True), model.condition2.covariance(x_chunk, diag=True)
+
+
+def _variance_from_sigma(parts: SigmaParts, point_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same variances for cells that are evaluation points: rows of ``diag Σc``."""
+    return parts.diagonals[0][point_rows], parts.diagonals[1][point_rows]
+
+
+def _expression_task(model: ExpressionModel, x_chunk, rows, genes, index, sink, per_gene, variances):
+    with x64():
+        block = expression_block(model.condition1, model.condition2, x_chunk, genes, model.eps, variances)
     for key in EXPRESSION_KEYS:
         sink.write(key, (rows, genes), block[key])
     if per_gene or genes.start == 0:
@@ -245,10 +262,14 @@ def abundance_graph(model: AbundanceModel, x: np.ndarray, sink: Any, cells: list
 
 
 def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: list[slice], gene_batch: int,
-                     points: np.ndarray | None, dtype: str, tag: str, client: Any = None):
+                     points: np.ndarray | None, dtype: str, tag: str, client: Any = None,
+                     point_rows: np.ndarray | None = None):
     """Lay out ``sink`` for expression results; return ``build()`` → the graph of the pending blocks.
 
     ``points`` are the Mahalanobis evaluation points (None: no Mahalanobis stage).
+    ``point_rows`` (with ``points``): for every cell of ``x``, its row in ``points``; the
+    cells' latent variances are then read from the diagonals of Σ (computed for the
+    distances anyway) instead of being computed per cell chunk.
     """
     n, g, g_all = len(x), model.n_genes, model.n_genes_all
     chunk = cells[0].stop - cells[0].start
@@ -280,13 +301,23 @@ def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: li
 
     def build():
         shared = share(model, f"kompot-model-{tag}", client)
-        blocks = [_delayed(_expression_task, shared, x[cells[i]], cells[i], genes[j], (i, j), sink, per_gene,
-                           key=f"kompot-predict-expression-{i}-{j}-{tag}") for i, j in sink.pending("cells")]
+        pending_blocks = sink.pending("cells")
         maha_tasks, sigma = [], None
         if maha:
             pending = sink.pending("mahalanobis")
-            if pending or sink.read("_mahalanobis_branch")[0] < 0:  # a resume with every batch done needs no Σ
+            needed = pending or sink.read("_mahalanobis_branch")[0] < 0  # a resume with every batch done needs no Σ
+            if needed or (point_rows is not None and pending_blocks):
                 sigma = _delayed(_sigma_task, shared, points, sink, key=f"kompot-mahalanobis-sigma-{tag}")
+        variances = {}
+        for i in sorted({i for i, _ in pending_blocks}):
+            if sigma is not None and point_rows is not None:
+                variances[i] = _delayed(_variance_from_sigma, sigma, point_rows[cells[i]],
+                                        key=f"kompot-predict-variance-{i}-{tag}")
+            else:
+                variances[i] = _delayed(_variance_task, shared, x[cells[i]], key=f"kompot-predict-variance-{i}-{tag}")
+        blocks = [_delayed(_expression_task, shared, x[cells[i]], cells[i], genes[j], (i, j), sink, per_gene,
+                           variances[i], key=f"kompot-predict-expression-{i}-{j}-{tag}") for i, j in pending_blocks]
+        if maha:
             maha_tasks = [_delayed(_mahalanobis_task, shared, points, sigma, all_batches[j], (j,), sink,
                                    key=f"kompot-mahalanobis-genes-{j}-{tag}") for (j,) in pending]
         _describe(sink, len(cells) * len(genes), len(blocks))
