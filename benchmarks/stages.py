@@ -103,10 +103,10 @@ def stage_flops(stage: str, s: dict) -> float:
         # condition (the code before this benchmark solved both per condition: 4 m² n)
         return 2 * n * m * d + 3 * m * m * n
     if stage == "sigma":
-        # Lp⁻¹ (a solve against I) and DᵀD, D = j Lp⁻¹, once (K_UU − AᵀA = jI − DᵀD); then per
-        # condition C = LB⁻¹ (Lpᵀ − D) and CᵀC (before: two solves and two products per
-        # condition, 12 m³ as run)
-        return m**3 + m**3 + 2 * (m**3 + m**3)
+        # Lp⁻¹ (LAPACK trtri, m³/3) and DᵀD, D = j Lp⁻¹ (lauum, m³/3), once (K_UU − AᵀA =
+        # jI − DᵀD); then per condition C = LB⁻¹ (Lpᵀ − D) and CᵀC (before: two solves and
+        # two products per condition, 12 m³ as run; then a solve against I and a full gram)
+        return m**3 / 3 + m**3 / 3 + 2 * (m**3 + m**3)
     if stage == "mahalanobis":
         return 2 * (2 * m * m * ga) + m**3 / 3 + m * m * ga
     if stage == "da":
