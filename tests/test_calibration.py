@@ -345,3 +345,44 @@ def test_de_with_a_sample_column_writes_the_replicate_calls_in_memory_and_out_of
     assert not [c for c in bare.var.columns if "replicate" in c]
     info = json.loads(bare.uns["kompot_de"]["last_run_info"])
     assert info["fdr_null"] == {"kompot_fdr": "null_genes", "replicate_fdr": {"null": None, "reason": "no sample_col"}}
+
+
+def test_da_writes_the_spatial_fdr_call_beside_kompots_direction(null_atlas):
+    """``da(..., spatial_fdr=0.05)`` writes the spatial-FDR call of its model (the class's
+    ``spatial_fdr_call`` on the same cells) as two obs columns, records the level and the
+    cut in the run history, and leaves Kompot's fields as a run without it; a bad level is
+    refused before anything is written."""
+    import json
+
+    import kompot_dask as kd
+    from kompot_dask.testing import atlas_anndata
+
+    adata = atlas_anndata(null_atlas, sparse=False)
+    c1, c2 = list(adata.obs["condition"].cat.categories)
+    plain = adata.copy()
+    args = dict(sample_col="sample", n_landmarks=50, random_state=0, progress=False)
+    before = set(adata.obs.columns)
+    for bad in (0.0, 1.0, True, "0.05"):
+        with pytest.raises(ValueError, match="spatial_fdr"):
+            kd.da(adata, "condition", c1, c2, spatial_fdr=bad, **args)
+        assert set(adata.obs.columns) == before and "kompot_da" not in adata.uns
+    full = kd.da(adata, "condition", c1, c2, spatial_fdr=0.05, return_full_results=True, **args)
+    kd.da(plain, "condition", c1, c2, **args)
+    base = f"kompot_da_{c1}_to_{c2}_spatial"
+    fdr, direction = adata.obs[f"{base}_fdr_sample_var"], adata.obs[f"{base}_direction_sample_var"]
+    x = np.asarray(adata.obsm["DM_EigenVectors"])
+    again = full["model"].spatial_fdr_call(x, 0.05)
+    np.testing.assert_allclose(fdr.to_numpy(), again["log_fold_change_spatial_fdr"], rtol=1e-12)
+    np.testing.assert_array_equal(direction.to_numpy().astype(str), again["log_fold_change_spatial_direction"])
+    np.testing.assert_array_equal(direction.to_numpy() != "neutral", fdr.to_numpy() <= 0.05)
+    info = json.loads(adata.uns["kompot_da"]["last_run_info"])
+    assert info["spatial_fdr"]["alpha"] == 0.05 and info["spatial_fdr"]["sample_variance"] is True
+    assert info["spatial_fdr"]["pvalue_threshold"] == again["spatial_fdr_threshold"]
+    for column in plain.obs.columns:
+        if column.startswith("kompot_da"):
+            got, want = adata.obs[column].to_numpy(), plain.obs[column].to_numpy()
+            if want.dtype.kind == "f":
+                np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=column)
+            else:
+                np.testing.assert_array_equal(got.astype(str), want.astype(str), err_msg=column)
+    assert "spatial_fdr" not in json.loads(plain.uns["kompot_da"]["last_run_info"])

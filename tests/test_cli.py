@@ -260,3 +260,17 @@ def test_replicate_null_is_on_with_a_sample_column_and_can_be_switched_off(tmp_p
     assert _history(off, "kompot_de")["fdr_null"]["replicate_fdr"] == {"null": None, "reason": "replicate_null=False"}
     key = "kompot_de_control_day_0_to_stim_2_5h_mahalanobis_sample_var"
     np.testing.assert_allclose(on.var[key].to_numpy(), off.var[key].to_numpy(), rtol=1e-10)
+
+
+def test_spatial_fdr_flag_writes_the_cell_call(tmp_path):
+    _ok(_cli(["da", INPUT, *COMPARE, *FAST_DA, "--sample-col", "sample", "--spatial-fdr", "0.1", "-o", "out.h5ad"],
+             tmp_path))
+    out = anndata.read_h5ad(tmp_path / "out.h5ad")
+    base = "kompot_da_control_day_0_to_stim_2_5h_spatial"
+    fdr = out.obs[f"{base}_fdr_sample_var"].to_numpy()
+    direction = out.obs[f"{base}_direction_sample_var"].astype(str).to_numpy()
+    assert np.isfinite(fdr).all() and ((fdr >= 0) & (fdr <= 1)).all()
+    np.testing.assert_array_equal(direction != "neutral", fdr <= 0.1)
+    assert _history(out, "kompot_da")["spatial_fdr"]["alpha"] == 0.1
+    proc = _cli(["da", INPUT, *COMPARE, *FAST_DA, "--spatial-fdr", "2", "-o", "bad.h5ad"], tmp_path)
+    assert proc.returncode == 2 and "spatial" in proc.stderr and not (tmp_path / "bad.h5ad").exists()

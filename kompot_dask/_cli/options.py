@@ -93,6 +93,9 @@ OPTIONS: tuple[Option, ...] = (
            stages=("da",), metavar="X"),
     Option("ptp_threshold", ("--ptp-threshold",), "DA: posterior tail probability for a direction call", floating,
            stages=("da",), metavar="P"),
+    Option("spatial_fdr", ("--spatial-fdr",), "DA: also call cells at this FDR controlled over the state map "
+           "(obs ..._spatial_fdr / ..._spatial_direction; off by default)", floating, stages=("da",),
+           metavar="ALPHA"),
     Option("null_genes", ("--null-genes",), "DE: null genes of the FDR ('auto' or a count)", null_genes,
            stages=("de",), metavar="auto|N"),
     Option("null_seed", ("--null-seed",), "DE: seed of the null genes", integer, stages=("de",), metavar="SEED"),

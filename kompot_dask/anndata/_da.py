@@ -8,7 +8,7 @@ import numpy as np
 
 from ..differential import DifferentialAbundance
 from ._common import landmarks_for, landmarks_info, run_context, store_landmarks
-from ._fields import DIRECTION_CATEGORIES, DIRECTION_COLORS, da_field_mapping, da_fields
+from ._fields import DIRECTION_CATEGORIES, DIRECTION_COLORS, da_field_mapping, da_fields, spatial_fields
 from ._history import check_overwrite, environment, now, record_run
 from ._target import open_target
 from .settings import DAThresholdSettings, GPSettings, OutputSettings, StorageSettings, as_params, settings_from
@@ -31,6 +31,7 @@ def da(
     output: OutputSettings | None = None,
     performance_report: str | None = None,
     results_store: str | None = None,
+    spatial_fdr: float | None = None,
     **kwargs: Any,
 ):
     """Differential abundance between two conditions of an AnnData, stored in ``adata.obs``.
@@ -64,6 +65,15 @@ def da(
     results_store : str or path-like, optional
         Write the results into this AnnData-zarr (created with the atlas's obs and var if
         missing) instead of the default above.
+    spatial_fdr : float, optional
+        Also call cells at this false-discovery rate controlled over the state map
+        (:meth:`~kompot_dask.DifferentialAbundance.spatial_fdr_call`, its defaults; not
+        Kompot's, which thresholds each cell alone). Writes obs
+        ``{rk}_{c1}_to_{c2}_spatial_fdr{sfx}`` (each cell's FDR) and
+        ``..._spatial_direction{sfx}`` (categorical up/neutral/down) beside Kompot's
+        direction; the run history's ``spatial_fdr`` holds the level and the p-value cut.
+        With ``sample_col`` it uses the sample variance, which is what holds it with
+        replicates (``benchmarks/calibration.py``). Default: off.
     **kwargs
         Settings fields, or estimator keywords.
 
@@ -87,6 +97,9 @@ def da(
     out = settings["output"] or OutputSettings()
     rk = sto.result_key or KEY
     fields = da_fields(rk, condition1, condition2, sample_col is not None)
+    alpha = _spatial_level(spatial_fdr)
+    sf = spatial_fields(rk, condition1, condition2, sample_col is not None) if alpha is not None else {}
+    obs_fields = fields["all_patterns"]["obs"] + list(sf.values())
     target = open_target(adata, out.copy, results_store)
     adata = target.adata
     from ..io.inputs import condition_inputs
@@ -95,7 +108,7 @@ def da(
                               expression=False)
     colors_key = f"{fields['direction_key']}_colors"
     target.check_cells(inputs.obs_names)
-    check_overwrite(adata, KEY, {"obs": fields["all_patterns"]["obs"], "uns": [colors_key]}, sto.overwrite,
+    check_overwrite(adata, KEY, {"obs": obs_fields, "uns": [colors_key]}, sto.overwrite,
                     target.present())
 
     landmarks = landmarks_for(adata, gps.landmarks, rk, KEY, ("kompot_de",), inputs.x_all.shape[1])
@@ -117,6 +130,7 @@ def da(
             store_landmarks(adata, (rk, KEY), model.landmarks, info, sto.store_landmarks)
 
         result = model.predict(inputs.x_all)
+        spatial = None if alpha is None else model.spatial_fdr_call(inputs.x_all, alpha, cell_result=result)
     import pandas as pd
 
     obs = adata.obs
@@ -127,6 +141,10 @@ def da(
                                                   categories=DIRECTION_CATEGORIES)
     obs[fields["density_key_1"]] = result["log_density_condition1"]
     obs[fields["density_key_2"]] = result["log_density_condition2"]
+    if spatial is not None:
+        obs[sf["spatial_fdr_key"]] = spatial["log_fold_change_spatial_fdr"]
+        obs[sf["spatial_direction_key"]] = pd.Categorical(spatial["log_fold_change_spatial_direction"],
+                                                          categories=DIRECTION_CATEGORIES)
     adata.uns[colors_key] = list(DIRECTION_COLORS)
 
     run_info = {
@@ -149,12 +167,16 @@ def da(
         },
         "ptp_key": fields["ptp_key"],
         "result_key": rk,
+        **({} if spatial is None else {"spatial_fdr": {
+            "alpha": alpha, "pvalue_threshold": float(spatial["spatial_fdr_threshold"]),
+            "n_points": int(len(spatial["spatial_fdr_points"])), "weights": "uniform",
+            "sample_variance": model.variance_predictors != (None, None), "fields": sf}}),
         "timestamp": now(),
         "uses_sample_variance": model.variance_predictors != (None, None),
         "zscore_key": fields["zscore_key"],
     }
-    record_run(adata, KEY, run_info, {"obs": fields["all_patterns"]["obs"], "uns": [KEY, colors_key]})
-    target.commit(None, {"obs": fields["all_patterns"]["obs"]}, [colors_key, rk, KEY])
+    record_run(adata, KEY, run_info, {"obs": obs_fields, "uns": [KEY, colors_key]})
+    target.commit(None, {"obs": obs_fields}, [colors_key, rk, KEY])
 
     full = None
     if out.return_full_results:
@@ -169,3 +191,14 @@ def da(
     if out.copy:
         return (adata, full) if full is not None else adata
     return full
+
+
+def _spatial_level(value: Any) -> float | None:
+    """``spatial_fdr``: None (off) or a level strictly between 0 and 1."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"`spatial_fdr={value!r}`: the FDR level of the spatial cell call must be a number strictly "
+                         "between 0 and 1 (e.g. 0.05); leave it out (None) for no spatial call")
+    return float(value)

@@ -49,6 +49,14 @@ def da_field_mapping(f: dict, condition1: Any, condition2: Any) -> dict[str, dic
     }
 
 
+def spatial_fields(rk: str, condition1: Any, condition2: Any, sample_var: bool) -> dict[str, str]:
+    """obs columns of the spatial-FDR cell call (``da(..., spatial_fdr=alpha)``; not
+    Kompot's): each cell's FDR over the state map and its call (up / neutral / down)."""
+    base = f"{rk}_{sanitize(condition1)}_to_{sanitize(condition2)}_spatial"
+    sfx = "_sample_var" if sample_var else ""
+    return {"spatial_fdr_key": f"{base}_fdr{sfx}", "spatial_direction_key": f"{base}_direction{sfx}"}
+
+
 def replicate_fields(rk: str, condition1: Any, condition2: Any, sample_var: bool) -> dict[str, str]:
     """var columns of the replicate-aware gene call (``de(..., replicate_null=True)``; not
     Kompot's): the distance it tests, its p-value, BH-adjusted FDR and call."""
