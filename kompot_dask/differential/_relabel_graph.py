@@ -35,12 +35,14 @@ from .._jax import with_x64
 from ..estimators._function_terms import reads_lazily
 from ..estimators._inputs import read_rows
 from ..execution.plan import EXPRESSION_CHUNK_BYTES, MAX_GENE_BATCH, cell_chunk_rows, row_slices
-from ..execution.runner import InOptions, run_graph, share
+from ..execution.runner import run_graph, share, task
 from ..kernels import mahalanobis as mk
 from ..kernels import posterior as post
 from ..kernels.covariance import matern52
 from ..options import get_options
-from ._relabel import ReplicateNull, balance_weights, relabellings, sample_units
+from ..estimators._shared_factors import inducing_terms
+from ..io.inputs import lazy_rows
+from ._relabel import ReplicateNull, balance_weights, on_shared_landmarks, relabellings, sample_units
 
 __all__ = ["replicate_null_distances", "LandmarkGP", "landmark_gp"]
 
@@ -99,9 +101,8 @@ def point_terms(gp: LandmarkGP, points: np.ndarray, eps: float) -> PointTerms:
     """
     points = np.asarray(points, dtype=np.float64)
     if points.shape == gp.inducing.shape and np.array_equal(points, gp.inducing):
-        m = len(points)
-        d = gp.jitter * post.solve_lower(gp.lp, np.eye(m))
-        return PointTerms(gp.lp.T - d, gp.jitter * np.eye(m) - d.T @ d, float(eps))
+        shared = inducing_terms(gp.lp, gp.jitter)  # the model's Σ at its landmarks made the same
+        return PointTerms(shared.projection, shared.residual, float(eps))
     a_p = post.solve_lower(gp.lp, np.asfortranarray(matern52(gp.inducing, points, gp.ls)), overwrite=True)
     k_pp = np.asarray(matern52(points, points, gp.ls), dtype=np.float64)
     return PointTerms(a_p, k_pp - a_p.T @ a_p, float(eps))
@@ -158,10 +159,7 @@ def _project_task(gp: LandmarkGP, *parts: np.ndarray) -> np.ndarray:
 
 def _mean_operator(gp: LandmarkGP, terms: PointTerms, aat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(op, cov)``: the posterior mean at the points is ``mu + opᵀ a_r``, its covariance ``cov``."""
-    m = len(aat)
-    noise_matrix = aat / gp.noise
-    noise_matrix[np.diag_indices(m)] += 1.0
-    lb = post.cholesky_lower(noise_matrix, "I + A W Aᵀ / σ² of a (pseudo-)condition")
+    lb = post.noise_factor(aat, gp.noise, "I + A W Aᵀ / σ² of a (pseudo-)condition")
     c = post.solve_lower(lb, terms.a_p)
     return post.solve_lower_t(lb, c) / gp.noise, terms.prior + post.gram(c)
 
@@ -220,35 +218,21 @@ def _collect_task(observed: list, null: list) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------- graph
-def _delayed(fn, *args, key: str):
-    import dask
-
-    return dask.delayed(InOptions(fn), pure=False)(*args, dask_key_name=key)
-
-
 def _tree(parts: list, key: str, finish=None, finish_args: tuple = ()) -> Any:
     """Add ``parts`` in a fixed tree of :data:`FAN_IN`-part sums; ``finish`` makes the root."""
     level = 0
     while len(parts) > FAN_IN:
-        parts = [_delayed(_add, *parts[i:i + FAN_IN], key=f"{key}-sum{level}-{i // FAN_IN}")
+        parts = [task(_add, *parts[i:i + FAN_IN], key=f"{key}-sum{level}-{i // FAN_IN}")
                  for i in range(0, len(parts), FAN_IN)]
         level += 1
     if finish is None:
-        return _delayed(_add, *parts, key=key) if len(parts) > 1 else parts[0]
-    return _delayed(finish, *finish_args, *parts, key=key)
+        return task(_add, *parts, key=key) if len(parts) > 1 else parts[0]
+    return task(finish, *finish_args, *parts, key=key)
 
 
 def _as_dask(y: Any, rows: int) -> Any:
-    """``y`` (n, G) as a dask array chunked along cells (dask arrays keep their chunks)."""
-    import dask.array as da
-    import scipy.sparse
-
-    if not hasattr(y, "dask"):
-        if scipy.sparse.issparse(y):
-            meta = type(y)((0, 0), dtype=y.dtype)
-            y = da.from_array(y, chunks=(rows, -1), asarray=False, meta=meta, name=False)
-        else:
-            y = da.from_array(y, chunks=(rows, -1), name=False)
+    """``y`` (n, G) as a dask array chunked along cells, unread (:func:`~kompot_dask.io.inputs.lazy_rows`)."""
+    y = lazy_rows(y, rows, "the expression")
     return y[:, None] if y.ndim == 1 else y
 
 
@@ -326,8 +310,9 @@ def replicate_null_distances(
     if len(assignments) == 0:
         raise ValueError(f"{s1} + {len(units.condition) - s1} samples allow no relabelling besides the real one; "
                          "the replicate null needs at least 3 samples in all (e.g. 2 + 1)")
-    gp, gp2 = (landmark_gp(p, kwargs) for p in predictors)
-    if gp2.inducing.shape != gp.inducing.shape or not np.allclose(gp2.inducing, gp.inducing) or gp2.ls != gp.ls:
+    gp = landmark_gp(predictors[0], kwargs)
+    landmark_gp(predictors[1], kwargs)  # refuses a full GP with the same message
+    if not on_shared_landmarks(*predictors):
         raise ValueError("the replicate null needs both conditions on the same landmarks and length scale")
     if null_gene_count is None or null_gene_count >= n_genes:
         null_genes = np.arange(n_genes)
@@ -390,7 +375,7 @@ class _Layout:
         for s, rows in enumerate(units.rows):
             x = self.xs[units.condition[s] - 1]
             w = None if self.unit_weights is None else self.unit_weights[s]
-            parts = [_delayed(_gram_task, gp, x[rows[a:a + step]], None if w is None else w[a:a + step],
+            parts = [task(_gram_task, gp, x[rows[a:a + step]], None if w is None else w[a:a + step],
                               key=f"kompot-replicate-gram-{s}-{a // step}-{tag}") for a in range(0, len(rows), step)]
             grams.append(_tree(parts, f"kompot-replicate-gram-{s}-{tag}"))
         per_condition = []
@@ -399,7 +384,7 @@ class _Layout:
             chunks = row_slices(y.shape[0], self.m, like=y)
             per_batch = []
             for j, genes in enumerate(self.batches):
-                parts = [_delayed(_block_task, gp, self.xs[c][sl], self.cell_units[c][sl],
+                parts = [task(_block_task, gp, self.xs[c][sl], self.cell_units[c][sl],
                                   None if self.cell_weights[c] is None else self.cell_weights[c][sl], n_units,
                                   y[sl, genes], key=f"kompot-replicate-block-{c + 1}-{i}-{j}-{tag}")
                          for i, sl in enumerate(chunks)]
@@ -410,26 +395,26 @@ class _Layout:
         for s, (c, i) in enumerate(self.local):
             if not self.with_mean[s]:
                 continue
-            op = _delayed(_sample_factor_task, gp, terms, grams[s], key=f"kompot-replicate-sample-factor-{s}-{tag}")
+            op = task(_sample_factor_task, gp, terms, grams[s], key=f"kompot-replicate-sample-factor-{s}-{tag}")
             for j in range(len(self.batches)):
-                means[j][s] = _delayed(_sample_mean_task, op, sums[j][c], i,
+                means[j][s] = task(_sample_mean_task, op, sums[j][c], i,
                                        key=f"kompot-replicate-sample-mean-{s}-{j}-{tag}")
         identity = np.asarray(units.condition == 2)
         observed, null = None, []
         for r, in2 in enumerate([identity, *self.assignments]):
             groups = self._groups(in2)
             has_q = any(sum(self.with_mean[s] for *_, s in members) >= 2 for members in groups)
-            factor = _delayed(_factor_task, gp, terms, tuple(tuple(s for *_, s in g) for g in groups), has_q, *grams,
+            factor = task(_factor_task, gp, terms, tuple(tuple(s for *_, s in g) for g in groups), has_q, *grams,
                               key=f"kompot-replicate-factor-{r}-{tag}")
             parts = []
             for j in range(len(self.batches)):
                 cols = None if r == 0 else self.null_cols[j]
                 if cols is not None and len(cols) == 0:
                     continue
-                parts.append(_delayed(_distance_task, factor, groups, cols, eps, sums[j], means[j],
+                parts.append(task(_distance_task, factor, groups, cols, eps, sums[j], means[j],
                                       key=f"kompot-replicate-distances-{r}-{j}-{tag}"))
             if r == 0:
                 observed = parts
             else:
                 null.append(parts)
-        return _delayed(_collect_task, observed, null, key=f"kompot-replicate-collect-{tag}")
+        return task(_collect_task, observed, null, key=f"kompot-replicate-collect-{tag}")

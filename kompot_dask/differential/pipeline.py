@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._jax import x64
-from ..execution.runner import InOptions, logger, run_graph, share
+from ..execution.runner import logger, run_graph, share, task
 from ..fdr import compute_fdr
 from ..kernels import differential as dk
 from ..kernels import mahalanobis as mk
@@ -223,12 +223,6 @@ def _finish_expression_task(model: ExpressionModel, sink, blocks, sigma, meta, n
 
 
 # ------------------------------------------------------------------------------ graphs
-def _delayed(fn, *args, key: str):
-    import dask
-
-    return dask.delayed(InOptions(fn), pure=False)(*args, dask_key_name=key)
-
-
 def run_tag(token: str | None, sink: Any) -> str:
     """Short tag of a run's task names: its inputs and its store (unique for memory)."""
     from ..io.results import fingerprint
@@ -252,11 +246,11 @@ def abundance_graph(model: AbundanceModel, x: np.ndarray, sink: Any, cells: list
     def build():
         shared = share(model, f"kompot-model-{tag}", client)
         pending = sink.pending("cells")
-        blocks = [_delayed(_abundance_task, shared, x[cells[i]], cells[i], (i,), sink, *thresholds,
+        blocks = [task(_abundance_task, shared, x[cells[i]], cells[i], (i,), sink, *thresholds,
                            key=f"kompot-predict-abundance-{i}-{tag}") for (i,) in pending]
         _describe(sink, len(cells), len(blocks))
         meta = {"blocks_total": len(cells), "blocks_computed_last_run": len(blocks)}
-        return _delayed(_finish_abundance_task, sink, blocks, meta, key=f"kompot-finish-abundance-{tag}")
+        return task(_finish_abundance_task, sink, blocks, meta, key=f"kompot-finish-abundance-{tag}")
 
     return build
 
@@ -307,23 +301,23 @@ def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: li
             pending = sink.pending("mahalanobis")
             needed = pending or sink.read("_mahalanobis_branch")[0] < 0  # a resume with every batch done needs no Σ
             if needed or (point_rows is not None and pending_blocks):
-                sigma = _delayed(_sigma_task, shared, points, sink, key=f"kompot-mahalanobis-sigma-{tag}")
+                sigma = task(_sigma_task, shared, points, sink, key=f"kompot-mahalanobis-sigma-{tag}")
         variances = {}
         for i in sorted({i for i, _ in pending_blocks}):
             if sigma is not None and point_rows is not None:
-                variances[i] = _delayed(_variance_from_sigma, sigma, point_rows[cells[i]],
+                variances[i] = task(_variance_from_sigma, sigma, point_rows[cells[i]],
                                         key=f"kompot-predict-variance-{i}-{tag}")
             else:
-                variances[i] = _delayed(_variance_task, shared, x[cells[i]], key=f"kompot-predict-variance-{i}-{tag}")
-        blocks = [_delayed(_expression_task, shared, x[cells[i]], cells[i], genes[j], (i, j), sink, per_gene,
+                variances[i] = task(_variance_task, shared, x[cells[i]], key=f"kompot-predict-variance-{i}-{tag}")
+        blocks = [task(_expression_task, shared, x[cells[i]], cells[i], genes[j], (i, j), sink, per_gene,
                            variances[i], key=f"kompot-predict-expression-{i}-{j}-{tag}") for i, j in pending_blocks]
         if maha:
-            maha_tasks = [_delayed(_mahalanobis_task, shared, points, sigma, all_batches[j], (j,), sink,
+            maha_tasks = [task(_mahalanobis_task, shared, points, sigma, all_batches[j], (j,), sink,
                                    key=f"kompot-mahalanobis-genes-{j}-{tag}") for (j,) in pending]
         _describe(sink, len(cells) * len(genes), len(blocks))
         meta = {"blocks_total": len(cells) * len(genes), "blocks_computed_last_run": len(blocks) + len(maha_tasks)}
         n_points = 0 if points is None else len(points)
-        return _delayed(_finish_expression_task, shared, sink, blocks + maha_tasks, sigma, meta, n, n_points, maha,
+        return task(_finish_expression_task, shared, sink, blocks + maha_tasks, sigma, meta, n, n_points, maha,
                         key=f"kompot-finish-expression-{tag}")
 
     return build

@@ -249,7 +249,7 @@ class FunctionEstimator:
         with open_reducer(chunks, "function", local=not lazy) as reducer:
             prior = reducer.share(FunctionPrior(u, lp, float(ls), float(mu)))
             aat, a_r = reducer.reduce(projected_stats, prior)
-            lb = post.cholesky_lower(_noise_matrix(aat, self._noise), "I + A A^T / sigma^2")
+            lb = post.noise_factor(aat, self._noise, "I + A A^T / sigma^2")
             weights = post.landmark_weights(lp, lb, a_r, self._noise)
             state = FunctionState(u, weights, lp, lb, mu, ls, len(x), one_d, jitter=float(self.jitter))
             if not self.obs_variance:
@@ -282,13 +282,6 @@ def _kernel_block(a: np.ndarray, b: np.ndarray, ls: float) -> np.ndarray:
 
 def _same_points(x: np.ndarray, inducing: np.ndarray) -> bool:
     return x.shape == inducing.shape and np.array_equal(x, inducing)
-
-
-def _noise_matrix(aat: np.ndarray, sigma2: float) -> np.ndarray:
-    """``I + A Aᵀ / σ²``."""
-    out = aat / sigma2
-    out[np.diag_indices_from(out)] += 1.0
-    return out
 
 
 def _shifted_kernel(x: np.ndarray, ls: float, shift: float) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..options import get_options, using_options
 from .cluster import active_client
 
-__all__ = ["InOptions", "resolve_client", "share", "run_graph", "logger"]
+__all__ = ["InOptions", "resolve_client", "share", "task", "run_graph", "logger"]
 
 logger = logging.getLogger("kompot_dask")
 
@@ -63,18 +63,22 @@ def share(obj: Any, name: str, client: Any = None):
     return dask.delayed(obj, name=name, traverse=False)
 
 
+def task(fn: Callable[..., Any], *args: Any, key: str):
+    """A graph node ``fn(*args)`` named ``key``, run under the current options (:class:`InOptions`)."""
+    import dask
+
+    return dask.delayed(InOptions(fn), pure=False)(*args, dask_key_name=key)
+
+
 def _show_progress(future: Any) -> None:
     """distributed's progress bar: a widget in a Jupyter kernel that has ipywidgets, text
     everywhere else; it returns when ``future`` is done."""
+    import importlib.util
+
     from distributed import progress
 
-    try:
-        import ipywidgets  # noqa: F401  (distributed picks the widget bar in a kernel)
-
-        notebook = None
-    except ImportError:
-        notebook = False
-    progress(future, notebook=notebook)
+    # None: distributed picks the widget bar in a kernel, which needs ipywidgets
+    progress(future, notebook=None if importlib.util.find_spec("ipywidgets") else False)
 
 
 def run_graph(build: Callable[[], Any], client: Any = None) -> Any:

@@ -30,7 +30,7 @@ from .anndata import _gene_columns, _missing, _obs_columns, _read_index
 from ..execution.plan import expression_chunk_rows
 from .schema import CELL, CELL_STATES, EXPRESSION, GENE
 
-__all__ = ["ConditionInputs", "condition_inputs"]
+__all__ = ["ConditionInputs", "condition_inputs", "lazy_rows"]
 
 DEFAULT_OBSM_KEY = "DM_EigenVectors"
 # Dense float64 bytes of one chunk of cells x selected genes (the size of a block as
@@ -112,8 +112,10 @@ def _csc_warning(what: str) -> None:
     warnings.warn(msg, UserWarning, stacklevel=5)
 
 
-def _lazy_array(matrix: Any, rows: int, what: str) -> Any:
-    """A dask array (cells x genes) over an in-memory, backed or lazy matrix, unread."""
+def lazy_rows(matrix: Any, rows: int, what: str) -> Any:
+    """A dask array (cells x genes) over an in-memory, backed or lazy matrix, unread, in
+    chunks of at most ``rows`` cells (a dask array keeps finer chunks); ``what`` names it
+    in warnings."""
     import dask.array as da
     import scipy.sparse as sp
 
@@ -240,8 +242,8 @@ class _AnnDataSource:
 
     def matrix(self, layer: str | None, rows: int) -> Any:
         if layer is None:
-            return _lazy_array(self.adata.X, rows, "X")
-        return _lazy_array(self.adata.layers[layer], rows, f"layer {layer!r}")
+            return lazy_rows(self.adata.X, rows, "X")
+        return lazy_rows(self.adata.layers[layer], rows, f"layer {layer!r}")
 
 
 class _StoreSource(_AnnDataSource):
@@ -363,7 +365,7 @@ class _DatasetSource(_AnnDataSource):
         var = self.ds[EXPRESSION if layer is None else layer].transpose(CELL, GENE)
         if isinstance(var.data, da.Array):
             return var.data
-        return _lazy_array(var.data, rows, repr(var.name))
+        return lazy_rows(var.data, rows, repr(var.name))
 
 
 @contextlib.contextmanager
