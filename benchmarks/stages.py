@@ -83,6 +83,19 @@ def machine() -> dict:
 
 
 # ------------------------------------------------------------------------------- flops
+def cell_basis_flops(m: int, c: int, g: int) -> tuple[float, float]:
+    """``(landmark form, cell form)`` operations of a landmark fit (the engine's own count)."""
+    from kompot_dask.kernels.cell_basis import fit_flops
+
+    return fit_flops(m, c, g)
+
+
+def in_cell_basis(m: int, c: int, g: int) -> bool:
+    """Whether the engine fits a condition of ``c`` cells in the cells' basis."""
+    landmark, cell = cell_basis_flops(m, c, g)
+    return cell < landmark
+
+
 def stage_flops(stage: str, s: dict) -> float:
     """FLOP count of ``stage`` for the sizes in ``s`` (see the module docstring).
 
@@ -91,22 +104,29 @@ def stage_flops(stage: str, s: dict) -> float:
     for ``da``, ``nfev1``, ``nfev2`` (objective evaluations of each density fit).
     """
     n1, n2, n, m, g, ga, d = (s[k] for k in ("n1", "n2", "n", "m", "g", "ga", "d"))
+    cells = [c for c in (n1, n2) if in_cell_basis(m, c, ga)]  # conditions fitted in the cells' basis
     if stage == "fit":
-        # once: chol(K_UU + jI), shared by the conditions; per condition: kernel, A = Lp⁻¹K_UX,
-        # A Aᵀ, A R, chol(B), weights w = Lp⁻ᵀ LB⁻ᵀ LB⁻¹ (A R) (three solves)
-        per = lambda c: 2 * m * c * d + m * m * c + m * m * c + 2 * m * c * ga + m**3 / 3 + 3 * m * m * ga
+        # once: chol(K_UU + jI), shared by the conditions; per condition: the kernel and the
+        # cheaper of the two forms of kompot_dask.kernels.cell_basis.fit_flops — landmark:
+        # A = Lp⁻¹K_UX, A Aᵀ, A R, chol(B), w = Lp⁻ᵀ LB⁻ᵀ LB⁻¹ (A R) (three solves); cells:
+        # A, AᵀA, chol, z (two solves), G = Lp⁻ᵀ A, w = G z
+        per = lambda c: 2 * m * c * d + min(cell_basis_flops(m, c, ga))
         return m**3 / 3 + 2 * m * m * d + per(n1) + per(n2)
     if stage == "impute":
         return 2 * (2 * n * m * d + 2 * n * m * g)
     if stage == "variance":
-        # per block: the kernel and A = Lp⁻¹k once (both conditions share Lp), then LB⁻¹A per
-        # condition (the code before this benchmark solved both per condition: 4 m² n)
-        return 2 * n * m * d + 3 * m * m * n
+        # per block: the kernel; landmark form: A = Lp⁻¹k once (both conditions share Lp), then
+        # LB⁻¹A per condition; cell form: Gᵀk (GEMM) and Lc⁻¹(Gᵀk) per condition
+        shared_projection = m * m * n if len(cells) < 2 else 0
+        return (2 * n * m * d + shared_projection + sum(2 * m * c * n + c * c * n for c in cells)
+                + (2 - len(cells)) * m * m * n)
     if stage == "sigma":
-        # Lp⁻¹ (LAPACK trtri, m³/3) and DᵀD, D = j Lp⁻¹ (lauum, m³/3), once (K_UU − AᵀA =
-        # jI − DᵀD); then per condition C = LB⁻¹ (Lpᵀ − D) and CᵀC (before: two solves and
-        # two products per condition, 12 m³ as run; then a solve against I and a full gram)
-        return m**3 / 3 + m**3 / 3 + 2 * (m**3 + m**3)
+        # landmark form: Lp⁻¹ (LAPACK trtri, m³/3) and DᵀD, D = j Lp⁻¹ (lauum, m³/3), once
+        # (K_UU − AᵀA = jI − DᵀD); then per condition C = LB⁻¹ (Lpᵀ − D) and CᵀC. Cell form,
+        # per condition: the kernels K_UU and K_XU, S = Lc⁻¹ (K_XU − j Gᵀ) and SᵀS.
+        shared_inverse = 2 * m**3 / 3 if len(cells) < 2 else 0
+        return (shared_inverse + (2 - len(cells)) * 2 * m**3
+                + sum(2 * m * m * d + 2 * m * c * d + c * c * m + m * m * c for c in cells))
     if stage == "mahalanobis":
         return 2 * (2 * m * m * ga) + m**3 / 3 + m * m * ga
     if stage == "da":

@@ -113,7 +113,7 @@ def mean_difference(m1: ConditionModel, m2: ConditionModel, x: np.ndarray, genes
     p1, p2 = m1.function_predictor, m2.function_predictor
     if isinstance(p1, FunctionPredictor) and isinstance(p2, FunctionPredictor):
         s1, s2 = p1.state, p2.state
-        shared = (s1.lb is not None and s2.lb is not None and s1.ls == s2.ls
+        shared = (s1.landmark_mode and s2.landmark_mode and s1.ls == s2.ls
                   and (s1.inducing is s2.inducing or np.array_equal(s1.inducing, s2.inducing)))
         if shared:
             w1, w2 = (s.weights if genes is None else s.weights[:, genes] for s in (s1, s2))

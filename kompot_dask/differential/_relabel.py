@@ -136,7 +136,7 @@ def off_reason(labels1: Any, labels2: Any, shared_landmarks: bool, own_sample_ls
 def on_shared_landmarks(predictor1: Any, predictor2: Any) -> bool:
     """Both predictors are landmark-mode fits on the same landmarks and length scale."""
     states = [getattr(p, "state", None) for p in (predictor1, predictor2)]
-    if any(st is None or getattr(st, "lb", None) is None for st in states):
+    if any(st is None or not getattr(st, "landmark_mode", False) for st in states):
         return False
     a, b = (np.asarray(st.inducing) for st in states)
     return a.shape == b.shape and np.allclose(a, b) and float(states[0].ls) == float(states[1].ls)

@@ -81,7 +81,7 @@ class RelabelFactor(NamedTuple):
 def landmark_gp(predictor: Any, kwargs: dict) -> LandmarkGP:
     """The landmark fit of a fitted function predictor (refused for a full GP)."""
     state = getattr(predictor, "state", None)
-    if state is None or getattr(state, "lb", None) is None:
+    if state is None or not getattr(state, "landmark_mode", False):
         msg = ("the replicate null needs landmark-mode expression models (pass `n_landmarks` or `landmarks` "
                "to DifferentialExpression); a full GP or an injected predictor has no per-sample sums")
         raise ValueError(msg)

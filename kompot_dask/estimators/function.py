@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._jax import with_x64
+from ..kernels import cell_basis as cb
 from ..kernels import covariance as cov
 from ..kernels import density_params as dp
 from ..kernels import function as fk
@@ -30,7 +31,7 @@ class FunctionState(NamedTuple):
     inducing: np.ndarray  # (m, D) landmarks, or the training cells of a full GP
     weights: np.ndarray  # (m, G)
     lp: np.ndarray  # landmark mode: chol(K_UU + jI); full mode: chol(K_XX + sigma^2 I)
-    lb: np.ndarray | None  # landmark mode: chol(I + A A^T / sigma^2); None for a full GP
+    lb: np.ndarray | None  # landmark form: chol(I + A A^T / sigma^2); None otherwise
     mu: float
     ls: float
     n_obs: int
@@ -39,6 +40,12 @@ class FunctionState(NamedTuple):
     train_leverage: np.ndarray | None = None  # full mode, obs_variance only
     obs_weights: np.ndarray | None = None  # (m, G) weights of the observation-variance GP
     jitter: float | None = None  # landmark mode: lp = chol(K_UU + jitter I); None if unknown
+    cell_basis: cb.CellBasis | None = None  # landmark mode fitted in the cells' basis (lb is None)
+
+    @property
+    def landmark_mode(self) -> bool:
+        """Whether this is a landmark (DTC) fit, in either basis, rather than a full GP."""
+        return self.lb is not None or self.cell_basis is not None
 
 
 class FunctionPredictor(ChunkedPredictor):
@@ -60,7 +67,7 @@ class FunctionPredictor(ChunkedPredictor):
     @property
     def landmarks(self) -> np.ndarray | None:
         """Inducing points in landmark mode, None for a full GP."""
-        return None if self.state.lb is None else self.state.inducing
+        return self.state.inducing if self.state.landmark_mode else None
 
     def _shaped(self, out: np.ndarray) -> np.ndarray:
         return out[:, 0] if self.state.one_d else out
@@ -89,6 +96,8 @@ class FunctionPredictor(ChunkedPredictor):
         (:func:`~kompot_dask.kernels.posterior.inducing_shared`), with no solve per model.
         """
         x, st = self._query(x), self.state
+        if st.cell_basis is not None:
+            return self._cell_basis_covariance(x, diag)
         if st.lb is None:
             if diag:
                 return self._by_chunks(x, lambda xc: post.full_variance(
@@ -102,6 +111,16 @@ class FunctionPredictor(ChunkedPredictor):
         a, _ = shared.cell_projection(x, st.inducing, st.lp, st.ls)
         return post.landmark_covariance(np.asarray(cov.matern52(x, x, st.ls)), a, st.lb)
 
+    def _cell_basis_covariance(self, x: np.ndarray, diag: bool) -> np.ndarray:
+        st, basis = self.state, self.state.cell_basis
+        if diag:
+            return self._by_chunks(x, lambda xc: cb.variance(
+                np.asarray(cov.matern52_diag(xc, st.ls)), basis, _kernel_block(st.inducing, xc, st.ls)))
+        if st.jitter is not None and _same_points(x, st.inducing):
+            return cb.inducing_covariance(np.asarray(cov.matern52(x, x, st.ls)), basis,
+                                          _kernel_block(basis.cells, x, st.ls), st.jitter)
+        return cb.covariance(np.asarray(cov.matern52(x, x, st.ls)), basis, _kernel_block(st.inducing, x, st.ls))
+
     def _landmark_variance(self, xc: np.ndarray) -> np.ndarray:
         st = self.state
         a, base = shared.cell_projection(xc, st.inducing, st.lp, st.ls)
@@ -111,7 +130,7 @@ class FunctionPredictor(ChunkedPredictor):
     def leverage(self, x: Any) -> np.ndarray:
         """Hat-matrix diagonal (SPEC §3.5); full GPs define it at their training cells only."""
         x, st = self._query(x), self.state
-        if st.lb is not None:
+        if st.landmark_mode:
             if st.leverage_factor is None:
                 raise ValueError("leverage needs a model fitted with `obs_variance=True`")
             return self._by_chunks(x, lambda xc: fk.landmark_leverage(xc, st.inducing, st.leverage_factor, st.ls))
@@ -240,6 +259,12 @@ class FunctionEstimator:
     def _fit_landmarks(self, x: np.ndarray, y: Any, one_d: bool) -> FunctionState:
         u, ls, mu = np.asarray(self.landmarks), self.ls, self.mu
         lp = shared.prior_factor(u, ls, self.jitter)
+        if self._in_cell_basis(len(u), len(x), 1 if one_d else y.shape[1]):
+            r = np.array(read_rows(y, slice(0, len(x))), dtype=np.float64, order="F")
+            r -= mu
+            weights, basis = cb.fit(lp, _kernel_block(u, x, ls), r, self._noise, x)
+            return FunctionState(u, weights, lp, None, mu, ls, len(x), one_d, jitter=float(self.jitter),
+                                 cell_basis=basis)
         lazy = reads_lazily(y)
         chunks = [
             FunctionChunk(x[sl], RowBlock(y, sl))
@@ -259,6 +284,17 @@ class FunctionEstimator:
         obs_w = post.landmark_weights(lp, lb, cross_var, self._noise)
         return state._replace(leverage_factor=lm, obs_weights=obs_w)
 
+    def _in_cell_basis(self, m: int, c: int, g: int) -> bool:
+        """Fit in the cells' basis when that takes fewer operations (fewer cells than
+        landmarks, roughly; :func:`~kompot_dask.kernels.cell_basis.fit_flops`). It reads the
+        targets into this process (``c × G``, no more than the ``M × G`` weights), so it is
+        also the way for lazy targets then. The observation-variance surface needs the
+        landmark form's ``A Aᵀ``."""
+        if self.obs_variance:
+            return False
+        landmark, cell = cb.fit_flops(m, c, g)
+        return cell < landmark
+
     def _fit_full(self, x: np.ndarray, y: Any, one_d: bool) -> FunctionState:
         ls, mu = self.ls, self.mu
         yy = read_rows(y, slice(0, len(x)))
@@ -276,8 +312,9 @@ class FunctionEstimator:
 
 
 def _kernel_block(a: np.ndarray, b: np.ndarray, ls: float) -> np.ndarray:
-    """``K(a, b)`` as a Fortran-ordered numpy array (LAPACK's right-hand-side layout)."""
-    return np.asfortranarray(cov.matern52(a, b, ls))
+    """``K(a, b)`` as a writable Fortran-ordered numpy array (LAPACK's right-hand-side
+    layout): ``K(b, a)`` copied out of JAX as it lies, seen transposed (no transposing copy)."""
+    return np.array(cov.matern52(b, a, ls)).T
 
 
 def _same_points(x: np.ndarray, inducing: np.ndarray) -> bool:

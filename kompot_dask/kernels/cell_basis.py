@@ -1,0 +1,104 @@
+"""The landmark (DTC) posterior of SPEC §3.3 written in the training cells' basis.
+
+With ``P = K_UU + jI = Lp Lpᵀ``, ``A = Lp⁻¹ K_UX`` (M × c) and the push-through identity
+``(I + A Aᵀ/σ²)⁻¹ A = A (σ² I + Aᵀ A)⁻¹ σ²``, every landmark-sized solve of §3.3 becomes a
+cell-sized one::
+
+    Lc = chol(σ² I + Aᵀ A)                                     (c × c)
+    z  = (σ² I + Aᵀ A)⁻¹ (Y − mu),  w = P⁻¹ K_UX z = G z      (G = Lp⁻ᵀ A, M × c)
+    v(x*) = k** − ‖A_*‖² + ‖LB⁻¹ A_*‖² = k** − ‖Lc⁻¹ Gᵀ k_U*‖²
+
+since ``‖A_*‖² − ‖LB⁻¹A_*‖² = A_*ᵀ A (σ² I + AᵀA)⁻¹ Aᵀ A_*`` and ``Aᵀ A_* = Gᵀ k_U*``. At
+the landmarks themselves ``Gᵀ K_UU = K_XU − j Gᵀ`` (because ``P⁻¹ K_UU = I − j P⁻¹``), so
+the covariance there is ``K_UU − SᵀS`` with ``S = Lc⁻¹ (K_XU − j Gᵀ)``: one ``c² M`` solve
+and one ``M² c`` product, no product with ``K_UU``.
+
+When a condition has fewer cells ``c`` than landmarks ``M`` (Kompot's DE default of 5,000
+landmarks on an atlas of up to 5,000 cells, two conditions), this replaces the ``M³/3``
+Cholesky and three ``M² G`` solves of the fit by a ``c³/3`` Cholesky, ``2 c² G`` of solves
+and one ``2 M c G`` product, and the covariance at the landmarks (two ``M³`` solves and
+products per model) by ``c² M + M² c``. The results are the landmark posterior's, up to
+rounding (:func:`fit_flops` says which form a fit is cheaper in).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import posterior as post
+
+__all__ = ["CellBasis", "fit_flops", "fit", "variance", "covariance", "inducing_covariance"]
+
+
+class CellBasis(NamedTuple):
+    """A landmark fit's factors in its training cells' basis (§3.3 rewritten; module docstring)."""
+
+    cells: np.ndarray  # (c, D) training cells X
+    lc: np.ndarray  # chol(σ² I + AᵀA), (c × c)
+    g: np.ndarray  # G = Lp⁻ᵀ A = P⁻¹ K_UX, (M × c), Fortran-ordered
+
+
+def fit_flops(m: int, c: int, g: int) -> tuple[float, float]:
+    """``(landmark form, cell form)`` floating-point operations of a landmark fit.
+
+    ``m`` landmarks, ``c`` training cells, ``g`` target columns; both count the projection
+    ``A = Lp⁻¹ K_UX`` (``m² c``). The landmark form: ``A Aᵀ``, ``A R``, ``chol`` and three
+    solves. The cell form: ``AᵀA``, ``chol``, two solves for ``z``, ``G = Lp⁻ᵀ A``,
+    and ``G z``.
+    """
+    landmark = m * m * c + m * m * c + 2.0 * m * c * g + m**3 / 3 + 3.0 * m * m * g
+    cell = m * m * c + c * c * m + c**3 / 3 + 2.0 * c * c * g + m * m * c + 2.0 * m * c * g
+    return landmark, cell
+
+
+def fit(lp: np.ndarray, k_ux: np.ndarray, r: np.ndarray, sigma2: float, cells: np.ndarray) -> tuple[np.ndarray, CellBasis]:
+    """Weights ``w`` (M × G) and the :class:`CellBasis` of a landmark fit.
+
+    ``lp = chol(K_UU + jI)``, ``k_ux = K_UX`` (M × c, overwritten when Fortran-ordered),
+    ``r = Y − mu`` (c × G, overwritten when Fortran-ordered), ``sigma2`` the noise variance.
+
+    Raises
+    ------
+    kompot_dask.kernels.posterior.FactorError
+        When ``σ² I + AᵀA`` is not positive definite (a non-finite kernel or target).
+    """
+    a = post.solve_lower(lp, k_ux, overwrite=True)
+    s = post.gram(a)
+    s[np.diag_indices_from(s)] += sigma2
+    lc = post.cholesky_lower(s, "σ² I + Aᵀ A")
+    del s
+    z = post.solve_lower_t(lc, post.solve_lower(lc, r, overwrite=True), overwrite=True)
+    g = post.solve_lower_t(lp, a, overwrite=True)  # G = Lp⁻ᵀ A = P⁻¹ K_UX, in A's memory
+    weights = g @ z
+    return weights, CellBasis(np.asarray(cells, dtype=np.float64), lc, g)
+
+
+def _reduced(basis: CellBasis, k_uq: np.ndarray) -> np.ndarray:
+    """``Lc⁻¹ Gᵀ k_U*`` (c × n); ``(k_U*ᵀ G)ᵀ`` is Fortran-ordered, so the solve copies nothing."""
+    return post.solve_lower(basis.lc, (k_uq.T @ basis.g).T, overwrite=True)
+
+
+def variance(k_diag: np.ndarray, basis: CellBasis, k_uq: np.ndarray) -> np.ndarray:
+    """DTC latent variance ``k** − ‖Lc⁻¹ Gᵀ k_U*‖²`` of query cells with kernel block ``k_uq`` (M × n)."""
+    return k_diag - post.column_sq_norms(_reduced(basis, k_uq))
+
+
+def covariance(k_qq: np.ndarray, basis: CellBasis, k_uq: np.ndarray) -> np.ndarray:
+    """DTC latent covariance ``K** − TᵀT``, ``T = Lc⁻¹ Gᵀ K_U*``, at query cells."""
+    out = post.gram(_reduced(basis, k_uq))
+    return np.subtract(k_qq, out, out=out)
+
+
+def inducing_covariance(k_uu: np.ndarray, basis: CellBasis, k_xu: np.ndarray, jitter: float) -> np.ndarray:
+    """DTC latent covariance at the landmarks: ``K_UU − SᵀS``, ``S = Lc⁻¹ (K_XU − j Gᵀ)``.
+
+    ``k_xu`` (c × M) is the kernel between the training cells and the landmarks; it is
+    overwritten when Fortran-ordered and writable.
+    """
+    writable = k_xu.flags.f_contiguous and k_xu.flags.writeable and k_xu.dtype == np.float64
+    rhs = k_xu if writable else np.array(k_xu, dtype=np.float64, order="F")
+    rhs -= jitter * basis.g.T
+    out = post.gram(post.solve_lower(basis.lc, rhs, overwrite=True))
+    return np.subtract(k_uu, out, out=out)

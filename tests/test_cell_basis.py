@@ -1,0 +1,94 @@
+"""The landmark posterior fitted in the training cells' basis (fewer cells than landmarks)
+gives the landmark form's numbers, which the reference cases pin (test_function_parity)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_close, load_case
+
+import kompot_dask as kd
+from kompot_dask.estimators import function
+from kompot_dask.kernels import cell_basis
+
+ALGEBRA = dict(atol=1e-10, rtol=1e-8)
+
+
+@pytest.fixture
+def landmark_form(monkeypatch):
+    """Switch the cell-basis fit off (the landmark form of SPEC §3.3 runs for every fit)."""
+    def use(on: bool) -> None:
+        if on:
+            monkeypatch.setattr(function.FunctionEstimator, "_in_cell_basis", lambda self, m, c, g: False)
+        else:
+            monkeypatch.undo()
+    return use
+
+
+def _fit(x, y, landmarks, ls):
+    return kd.FunctionEstimator(landmarks=landmarks, gp_type="fixed", sigma=1.0, ls=ls).fit(x, y).predict
+
+
+@pytest.mark.parametrize("cells,landmarks", [(60, "reference"), (500, "all cells")])
+def test_cell_basis_gives_the_landmark_form(function_landmarks, landmark_form, cells, landmarks):
+    case = function_landmarks
+    x, y, xq, ls = case["in_X"][:cells], case["in_Y"][:cells], case["in_X_query"], float(case["out_ls"])
+    u = case["in_landmarks"] if landmarks == "reference" else case["in_X"]  # the DE default: landmarks ⊇ cells
+    assert len(x) < len(u)
+    cell = _fit(x, y, u, ls)
+    landmark_form(True)
+    land = _fit(x, y, u, ls)
+    assert cell.state.cell_basis is not None and cell.state.lb is None
+    assert land.state.cell_basis is None and land.state.lb is not None
+    # The weights solve against K_UU + jI, ill-conditioned when the landmarks are as close as
+    # cells: they carry its rounding (~1e-7 relative here); the predictions below do not.
+    scale = np.abs(land.state.weights).max()
+    assert_close(cell.state.weights, land.state.weights, atol=1e-6 * scale, what="weights")
+    for pts, name in ((xq, "queries"), (u, "landmarks"), (x, "training cells")):
+        assert_close(cell(pts), land(pts), **ALGEBRA, what=f"mean at the {name}")
+        assert_close(cell.covariance(pts), land.covariance(pts), atol=1e-12, rtol=1e-8, what=f"variance at the {name}")
+    assert_close(cell.covariance(u, diag=False), land.covariance(u, diag=False), atol=1e-12, rtol=1e-8,
+                 what="covariance at the landmarks")
+    assert_close(cell.covariance(xq[:50], diag=False), land.covariance(xq[:50], diag=False), atol=1e-12, rtol=1e-8,
+                 what="covariance at queries")
+
+
+def test_the_landmark_form_runs_where_it_is_cheaper(function_landmarks):
+    case = function_landmarks
+    p = _fit(case["in_X"], case["in_Y"], case["in_landmarks"], float(case["out_ls"]))
+    assert p.state.lb is not None and p.state.cell_basis is None  # 1,200 cells, 80 landmarks
+    landmark, cell = cell_basis.fit_flops(5000, 2500, 4000)
+    assert cell < 0.7 * landmark  # Kompot's DE default on a 5,000-cell atlas
+    landmark, cell = cell_basis.fit_flops(5000, 10000, 4000)
+    assert cell > landmark
+    obs = kd.FunctionEstimator(landmarks=case["in_X"], gp_type="fixed", sigma=1.0, ls=float(case["out_ls"]),
+                               obs_variance=True).fit(case["in_X"][:100], case["in_Y"][:100]).predict
+    assert obs.state.lb is not None  # the observation-variance surface needs A Aᵀ
+
+
+@pytest.mark.parametrize("variant", ["nosv", "sv"])
+def test_differential_expression_in_the_cell_basis(landmark_form, variant):
+    """DE on landmarks = all cells (Kompot's default up to 5,000 cells): every condition
+    (and, with sample variance, every sample) has fewer cells than landmarks."""
+    case = load_case("de_class")
+    x1, x2 = case["in_X_condition1"], case["in_X_condition2"]
+    kwargs = {}
+    if variant == "sv":
+        kwargs = dict(condition1_sample_indices=case["in_condition1_sample_indices"],
+                      condition2_sample_indices=case["in_condition2_sample_indices"])
+    u = np.vstack([x1, x2])  # 2,000 landmarks for 900 + 1,100 cells
+
+    def run():
+        model = kd.DifferentialExpression().fit(x1, case["in_Y_condition1"], x2, case["in_Y_condition2"],
+                                                landmarks=u, **kwargs)
+        return model, model.predict(case["in_X_predict"], compute_mahalanobis=True)
+
+    cell_model, cell = run()
+    landmark_form(True)
+    land_model, land = run()
+    assert cell_model.function_predictor1.state.cell_basis is not None
+    assert land_model.function_predictor1.state.cell_basis is None
+    for key in ("condition1_imputed", "condition2_imputed", "fold_change", "fold_change_zscores", "mean_log_fold_change"):
+        assert_close(cell[key], land[key], **ALGEBRA, what=key)
+    assert_close(cell["mahalanobis_distances"], land["mahalanobis_distances"], rtol=1e-8, what="mahalanobis")
+    assert np.isfinite(cell["mahalanobis_distances"]).all()
