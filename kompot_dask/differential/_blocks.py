@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..kernels import differential as dk
+from ._expression_model import condition_means
 
 __all__ = ["ABUNDANCE_KEYS", "EXPRESSION_KEYS", "STD_KEYS", "abundance_block", "expression_block"]
 
@@ -33,8 +34,8 @@ def abundance_block(p1, p2, vp1, vp2, x: np.ndarray, eps: float) -> dict[str, np
     """
     from ._variance import variance_diag
 
-    l1, l2 = p1(x, normalize=True), p2(x, normalize=True)
-    v1, v2 = p1.uncertainty(x, diag=True), p2.uncertainty(x, diag=True)
+    l1, v1 = _log_density_and_uncertainty(p1, x)
+    l2, v2 = _log_density_and_uncertainty(p2, x)
     if vp1 is not None:
         v1 = v1 + _one_column(variance_diag(vp1, x))
     if vp2 is not None:
@@ -50,15 +51,18 @@ def abundance_block(p1, p2, vp1, vp2, x: np.ndarray, eps: float) -> dict[str, np
     }
 
 
-def expression_block(m1, m2, x: np.ndarray, genes: slice, eps: float, cov_diag: Any = None) -> dict[str, np.ndarray]:
+def expression_block(m1, m2, x: np.ndarray, genes: slice, eps: float, cov_diag: Any = None,
+                     landmark_rows: Any = None) -> dict[str, np.ndarray]:
     """Imputed expression, std, fold change and z-score for cells ``x`` and a gene batch (SPEC §6.4).
 
     ``m1``/``m2`` are :class:`ConditionModel` s. The std arrays are (n, 1) when neither
     condition has a per-gene variance. ``cov_diag`` may pass precomputed
     ``(cov1, cov2)`` diagonals (gene independent) to reuse across gene batches.
+    ``landmark_rows`` may give, for cells that are the shared landmarks, their rows there
+    (:func:`~._expression_model.condition_means`).
     """
     c1, c2 = cov_diag if cov_diag is not None else (m1.covariance(x, diag=True), m2.covariance(x, diag=True))
-    mu1, mu2 = m1.mean(x, genes), m2.mean(x, genes)
+    mu1, mu2 = condition_means(m1, m2, x, genes, landmark_rows)
     t1, t2 = m1.total_variance(x, genes, c1), m2.total_variance(x, genes, c2)
     std1, std2, fc, z = dk.expression_stats(mu1, mu2, t1, t2, eps)
     return {
@@ -69,6 +73,18 @@ def expression_block(m1, m2, x: np.ndarray, genes: slice, eps: float, cov_diag: 
         "fold_change": fc,
         "fold_change_zscores": z,
     }
+
+
+def _log_density_and_uncertainty(p, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(p(x, normalize=True), p.uncertainty(x, diag=True))`` of a density predictor.
+
+    A fitted :class:`~kompot_dask.DensityPredictor` gives both from one kernel block per
+    chunk of cells; an injected predictor is called as documented.
+    """
+    both = getattr(p, "log_density_and_uncertainty", None)
+    if both is not None:
+        return both(x, normalize=True)
+    return p(x, normalize=True), p.uncertainty(x, diag=True)
 
 
 def _one_column(variance: np.ndarray) -> np.ndarray:

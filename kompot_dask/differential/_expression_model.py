@@ -12,7 +12,8 @@ from ..estimators._inputs import read_rows, take_rows
 from ..kernels import function as fk
 from ._variance import variance_diag
 
-__all__ = ["ConditionModel", "expression_length_scale", "fit_empirical_variance", "mean_difference"]
+__all__ = ["ConditionModel", "condition_means", "expression_length_scale", "fit_empirical_variance",
+           "landmark_pair", "mean_difference"]
 
 
 def expression_length_scale(nn: np.ndarray, ls_factor: float, float32: bool, name: str) -> float:
@@ -102,23 +103,75 @@ class ConditionModel:
         return cov[:, None] + self.obs_variance(x, genes) + self.sample_variance(x, genes)
 
 
-def mean_difference(m1: ConditionModel, m2: ConditionModel, x: np.ndarray, genes: Any = None) -> np.ndarray:
+def mean_difference(m1: ConditionModel, m2: ConditionModel, x: np.ndarray, genes: Any = None,
+                    landmark_rows: Any = None) -> np.ndarray:
     """``μ2(x) − μ1(x)`` (n, G).
 
     When both conditions are landmark GPs on the same landmarks and length scale (DE's
     shared landmarks), ``K_xU w2 − K_xU w1 = K_xU (w2 − w1)``: one product instead of two,
     which at the Mahalanobis evaluation points (``x`` = the M landmarks) halves the
-    ``2 M² G`` of the means. Otherwise each mean is predicted and subtracted.
+    ``2 M² G`` of the means. Both fitted in the cells' basis, at landmarks (``x`` the
+    landmarks, or ``landmark_rows`` giving each cell's landmark row), each mean is
+    :meth:`~kompot_dask.estimators.function.FunctionPredictor.inducing_mean`, with no weights.
+    Otherwise each mean is predicted and subtracted.
     """
+    pair = landmark_pair(m1, m2)
+    if pair is None:
+        return m2.mean(x, genes) - m1.mean(x, genes)
+    p1, p2 = pair
+    rows = _rows_of_landmarks(pair, x, landmark_rows)
+    if rows is not None:
+        return p2.inducing_mean(rows, genes) - p1.inducing_mean(rows, genes)
+    w1, w2 = (_batch(p.weights, genes) for p in pair)
+    return p2.predict_with(x, w2 - w1, p2.state.mu - p1.state.mu, keep_columns=True)
+
+
+def condition_means(m1: ConditionModel, m2: ConditionModel, x: np.ndarray, genes: Any = None,
+                    landmark_rows: Any = None) -> tuple:
+    """``(μ1(x), μ2(x))``, (n, G) each.
+
+    On shared landmarks both means are one product of the kernel block ``K_xU`` (evaluated
+    once) with the two conditions' weights side by side; at the landmarks of two fits in
+    the cells' basis, as in :func:`mean_difference`.
+    """
+    pair = landmark_pair(m1, m2)
+    if pair is None:
+        return m1.mean(x, genes), m2.mean(x, genes)
+    p1, p2 = pair
+    rows = _rows_of_landmarks(pair, x, landmark_rows)
+    if rows is not None:
+        return p1.inducing_mean(rows, genes), p2.inducing_mean(rows, genes)
+    w1, w2 = (_batch(p.weights, genes) for p in pair)
+    both = p1.predict_with(x, np.hstack([w1, w2]), 0.0, keep_columns=True)
+    n_genes = w1.shape[1]
+    return both[:, :n_genes] + p1.state.mu, both[:, n_genes:] + p2.state.mu
+
+
+def landmark_pair(m1: ConditionModel, m2: ConditionModel) -> tuple | None:
+    """Both conditions' :class:`FunctionPredictor` when they are landmark GPs on the same
+    landmarks and length scale (DE's shared landmarks), else None."""
     p1, p2 = m1.function_predictor, m2.function_predictor
-    if isinstance(p1, FunctionPredictor) and isinstance(p2, FunctionPredictor):
-        s1, s2 = p1.state, p2.state
-        shared = (s1.landmark_mode and s2.landmark_mode and s1.ls == s2.ls
-                  and (s1.inducing is s2.inducing or np.array_equal(s1.inducing, s2.inducing)))
-        if shared:
-            w1, w2 = (s.weights if genes is None else s.weights[:, genes] for s in (s1, s2))
-            return p2.predict_with(x, w2 - w1, s2.mu - s1.mu, keep_columns=True)
-    return m2.mean(x, genes) - m1.mean(x, genes)
+    if not (isinstance(p1, FunctionPredictor) and isinstance(p2, FunctionPredictor)):
+        return None
+    s1, s2 = p1.state, p2.state
+    shared = (s1.landmark_mode and s2.landmark_mode and s1.ls == s2.ls
+              and (s1.inducing is s2.inducing or np.array_equal(s1.inducing, s2.inducing)))
+    return (p1, p2) if shared else None
+
+
+def _rows_of_landmarks(pair: tuple, x: np.ndarray, landmark_rows: Any) -> Any:
+    """The landmark rows of the cells ``x`` when both fits of ``pair`` are in the cells' basis
+    and ``x`` are landmarks (given ``landmark_rows``, or ``x`` the landmarks), else None."""
+    if any(p.state.cell_basis is None for p in pair):
+        return None
+    if landmark_rows is not None:
+        return landmark_rows
+    u = pair[0].state.inducing
+    return slice(None) if x.shape == u.shape and np.array_equal(x, u) else None
+
+
+def _batch(weights: np.ndarray, genes: Any) -> np.ndarray:
+    return weights if genes is None else weights[:, genes]
 
 
 def fit_empirical_variance(x: np.ndarray, y: Any, labels: np.ndarray | None, kwargs: dict):

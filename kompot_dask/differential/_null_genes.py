@@ -64,9 +64,11 @@ def draw_null_genes(
                       slice(None), "y_condition1")
     cols2 = read_rows(y2[:, idx] if not hasattr(y2, "get_orthogonal_selection") else y2.oindex[:, idx],
                       slice(None), "y_condition2")
-    stacked = np.vstack([cols1, cols2])
-    permuted = np.empty_like(stacked)
+    # One contiguous row per null gene, shuffled in place: the same draws as the reference's
+    # ``permutation`` of each column (it copies, then shuffles), without strided columns.
+    rows = np.ascontiguousarray(np.vstack([cols1, cols2]).T)
     for i, s in enumerate(seeds):
-        permuted[:, i] = np.random.RandomState(int(s)).permutation(stacked[:, i])
+        np.random.RandomState(int(s)).shuffle(rows[i])
+    permuted = rows.T
     names = [f"gene_{j}" for j in range(n_genes)] if gene_names is None else [str(g) for g in gene_names]
     return NullGenes(idx, seeds, [f"NULL_{i}_{names[j]}" for i, j in enumerate(idx)], permuted[:n1], permuted[n1:])

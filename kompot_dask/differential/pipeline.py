@@ -28,10 +28,11 @@ import numpy as np
 from .._jax import x64
 from ..execution.runner import logger, run_graph, share, task
 from ..fdr import compute_fdr
+from ..estimators.function import FunctionPredictor
 from ..kernels import differential as dk
 from ..kernels import mahalanobis as mk
 from ._blocks import ABUNDANCE_KEYS, EXPRESSION_KEYS, STD_KEYS, abundance_block, expression_block
-from ._expression_model import mean_difference
+from ._expression_model import landmark_pair, mean_difference
 from ._mahalanobis_inputs import sample_factor
 
 __all__ = [
@@ -178,9 +179,11 @@ def _variance_from_sigma(parts: SigmaParts, point_rows: np.ndarray) -> tuple[np.
     return parts.diagonals[0][point_rows], parts.diagonals[1][point_rows]
 
 
-def _expression_task(model: ExpressionModel, x_chunk, rows, genes, index, sink, per_gene, variances):
+def _expression_task(model: ExpressionModel, x_chunk, rows, genes, index, sink, per_gene, variances,
+                     landmark_rows=None):
     with x64():
-        block = expression_block(model.condition1, model.condition2, x_chunk, genes, model.eps, variances)
+        block = expression_block(model.condition1, model.condition2, x_chunk, genes, model.eps, variances,
+                                 landmark_rows)
     for key in EXPRESSION_KEYS:
         sink.write(key, (rows, genes), block[key])
     if per_gene or genes.start == 0:
@@ -293,7 +296,11 @@ def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: li
     sink.add_stage("cells", (len(cells), len(genes)))
     sink.add_stage("final", (1,))
 
+    landmark_rows = _landmark_rows(model, points, point_rows)
+
     def build():
+        if landmark_rows is None:  # weights a worker would otherwise form for itself
+            _form_weights(model)
         shared = share(model, f"kompot-model-{tag}", client)
         pending_blocks = sink.pending("cells")
         maha_tasks, sigma = [], None
@@ -310,7 +317,8 @@ def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: li
             else:
                 variances[i] = task(_variance_task, shared, x[cells[i]], key=f"kompot-predict-variance-{i}-{tag}")
         blocks = [task(_expression_task, shared, x[cells[i]], cells[i], genes[j], (i, j), sink, per_gene,
-                           variances[i], key=f"kompot-predict-expression-{i}-{j}-{tag}") for i, j in pending_blocks]
+                       variances[i], None if landmark_rows is None else landmark_rows[cells[i]],
+                       key=f"kompot-predict-expression-{i}-{j}-{tag}") for i, j in pending_blocks]
         if maha:
             maha_tasks = [task(_mahalanobis_task, shared, points, sigma, all_batches[j], (j,), sink,
                                    key=f"kompot-mahalanobis-genes-{j}-{tag}") for (j,) in pending]
@@ -321,6 +329,24 @@ def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: li
                         key=f"kompot-finish-expression-{tag}")
 
     return build
+
+
+def _landmark_rows(model: ExpressionModel, points: np.ndarray | None, point_rows: np.ndarray | None):
+    """``point_rows`` when the evaluation points are the conditions' shared landmarks (the
+    cells' means then come from :meth:`FunctionPredictor.inducing_mean`), else None."""
+    pair = landmark_pair(model.condition1, model.condition2)
+    if point_rows is None or pair is None:
+        return None
+    u = pair[0].state.inducing
+    return point_rows if points.shape == u.shape and np.array_equal(points, u) else None
+
+
+def _form_weights(model: ExpressionModel) -> None:
+    """Form the conditions' weights here, once, before the model is shipped to workers."""
+    for condition in (model.condition1, model.condition2):
+        predictor = condition.function_predictor
+        if isinstance(predictor, FunctionPredictor):
+            predictor.weights  # noqa: B018 (a property that forms and keeps them)
 
 
 def _describe(sink: Any, n_blocks: int, pending: int) -> None:

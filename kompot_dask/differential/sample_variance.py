@@ -237,7 +237,7 @@ class SampleVarianceEstimator:
         self._require_fitted()
         if self.estimator_type == "density":
             return 1
-        weights = next(iter(self.group_predictors.values())).state.weights
+        weights = next(iter(self.group_predictors.values())).weights
         return 1 if weights.ndim == 1 else int(weights.shape[1])
 
     def _cell_slices(self, n: int, genes: Any) -> list[slice]:

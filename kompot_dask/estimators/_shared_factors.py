@@ -13,9 +13,11 @@ the landmarks. Computing them once instead of once per model is exact (the same 
   the block condition 1 just did).
 * :func:`inducing_terms`: :func:`~kompot_dask.kernels.posterior.inducing_shared` of the last
   ``Lp`` asked for (one entry per process, dropped with its ``Lp``).
+* :func:`inducing_kernel`: ``K_UU`` of the last ``Lp`` asked for (likewise).
 
 Entries refer to their ``Lp`` weakly: nothing here keeps a model's arrays alive, except the
-last :func:`inducing_terms` result (two M×M arrays) while its ``Lp`` lives.
+last :func:`inducing_terms` result (two M×M arrays) and :func:`inducing_kernel` result (one)
+while their ``Lp`` lives.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 from ..kernels import covariance as cov
 from ..kernels import posterior as post
 
-__all__ = ["prior_factor", "cell_projection", "inducing_terms", "digest"]
+__all__ = ["prior_factor", "cell_projection", "inducing_terms", "inducing_kernel", "digest"]
 
 _LOCK = threading.Lock()
 _PRIORS: dict[tuple, weakref.ref] = {}
@@ -112,8 +114,27 @@ def inducing_terms(lp: np.ndarray, jitter: float) -> post.InducingShared:
     return terms
 
 
-def _forget_inducing(key: tuple) -> None:
+def inducing_kernel(inducing: np.ndarray, lp: np.ndarray, ls: float) -> np.ndarray:
+    """``K_UU`` (without the jitter) of the landmarks of ``lp``, computed once per ``Lp``.
+
+    The covariance at the landmarks of both conditions and the means there all need it;
+    the last one asked for is kept (one M×M array) while its ``Lp`` lives.
+    """
+    key = ("kernel", id(lp), float(ls))
     with _LOCK:
-        last = _INDUCING.get("last")
+        last = _INDUCING.get("kernel")
+        if last is not None and last[0] == key and last[1]() is lp:
+            return last[2]
+    k = np.array(cov.matern52(inducing, inducing, ls))
+    k.setflags(write=False)
+    with _LOCK:
+        _INDUCING["kernel"] = (key, weakref.ref(lp), k)
+    weakref.finalize(lp, _forget_inducing, key, "kernel")
+    return k
+
+
+def _forget_inducing(key: tuple, slot: str = "last") -> None:
+    with _LOCK:
+        last = _INDUCING.get(slot)
         if last is not None and last[0] == key:
-            del _INDUCING["last"]
+            del _INDUCING[slot]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,12 +25,14 @@ from ._neighbors import nn_distances
 
 __all__ = ["FunctionEstimator", "FunctionPredictor", "FunctionState"]
 
+_WEIGHTS_LOCK = threading.Lock()  # forms a cell-basis fit's weights once, whichever thread asks first
+
 
 class FunctionState(NamedTuple):
     """Everything a worker needs to predict a fitted regression at any cells."""
 
     inducing: np.ndarray  # (m, D) landmarks, or the training cells of a full GP
-    weights: np.ndarray  # (m, G)
+    weights: np.ndarray | None  # (m, G); None until first asked for in the cells' basis
     lp: np.ndarray  # landmark mode: chol(K_UU + jI); full mode: chol(K_XX + sigma^2 I)
     lb: np.ndarray | None  # landmark form: chol(I + A A^T / sigma^2); None otherwise
     mu: float
@@ -72,19 +75,53 @@ class FunctionPredictor(ChunkedPredictor):
     def _shaped(self, out: np.ndarray) -> np.ndarray:
         return out[:, 0] if self.state.one_d else out
 
+    @property
+    def weights(self) -> np.ndarray:
+        """The weights ``w`` (M × G): the posterior mean is ``mu + K_xU w``.
+
+        A fit in the cells' basis forms them on first use (``G z``, ``2 M c G`` operations),
+        and keeps them; its means at its own landmarks need none (:meth:`inducing_mean`).
+        """
+        if self.state.weights is None:
+            with _WEIGHTS_LOCK:
+                if self.state.weights is None:
+                    self.state = self.state._replace(weights=cb.weights(self.state.cell_basis))
+        return self.state.weights
+
     @with_x64
     def __call__(self, x: Any, genes: Any = None) -> np.ndarray:
+        w = self.weights if genes is None else self.weights[:, genes]
+        return self.predict_with(x, w, self.state.mu)
+
+    @with_x64
+    def inducing_mean(self, rows: Any = slice(None), genes: Any = None) -> np.ndarray:
+        """Posterior mean at the landmarks ``inducing[rows]``, (r, G) (a landmark fit only).
+
+        Fitted in the cells' basis this is ``mu + (K_{U_r X} − j G_r) z``, which needs no
+        weights; otherwise ``mu + K_{U_r U} w``.
+        """
         st = self.state
-        w = st.weights if genes is None else st.weights[:, genes]
-        return self.predict_with(x, w, st.mu)
+        if not st.landmark_mode:
+            raise ValueError("means at the landmarks need a landmark-mode fit")
+        points = st.inducing[rows]
+        if st.cell_basis is None:
+            w = self.weights if genes is None else self.weights[:, genes]
+            return self.predict_with(points, w, st.mu, keep_columns=True)
+        k_rx = np.array(cov.matern52(points, st.cell_basis.cells, st.ls))
+        out = cb.inducing_mean(st.cell_basis, k_rx, rows, st.jitter, genes)
+        out += st.mu
+        return out
 
     @with_x64
     def predict_with(self, x: Any, weights: np.ndarray, mu: float, keep_columns: bool = False) -> np.ndarray:
         """``mu + K_xZ weights`` on this predictor's inducing points and length scale
         (``weights`` (m, k) need not be its own); (n, k), or (n,) for a vector target
         unless ``keep_columns``."""
-        st = self.state
-        out = self._by_chunks(self._query(x), lambda xc: fk.predict_mean(xc, st.inducing, weights, mu, st.ls))
+        st, x = self.state, self._query(x)
+        if st.landmark_mode and _same_points(x, st.inducing):
+            out = fk.kernel_times(shared.inducing_kernel(st.inducing, st.lp, st.ls), weights, mu)
+        else:
+            out = self._by_chunks(x, lambda xc: fk.predict_mean(xc, st.inducing, weights, mu, st.ls))
         return out if keep_columns else self._shaped(out)
 
     @with_x64
@@ -117,7 +154,7 @@ class FunctionPredictor(ChunkedPredictor):
             return self._by_chunks(x, lambda xc: cb.variance(
                 np.asarray(cov.matern52_diag(xc, st.ls)), basis, _kernel_block(st.inducing, xc, st.ls)))
         if st.jitter is not None and _same_points(x, st.inducing):
-            return cb.inducing_covariance(np.asarray(cov.matern52(x, x, st.ls)), basis,
+            return cb.inducing_covariance(shared.inducing_kernel(st.inducing, st.lp, st.ls), basis,
                                           _kernel_block(basis.cells, x, st.ls), st.jitter)
         return cb.covariance(np.asarray(cov.matern52(x, x, st.ls)), basis, _kernel_block(st.inducing, x, st.ls))
 
@@ -262,8 +299,8 @@ class FunctionEstimator:
         if self._in_cell_basis(len(u), len(x), 1 if one_d else y.shape[1]):
             r = np.array(read_rows(y, slice(0, len(x))), dtype=np.float64, order="F")
             r -= mu
-            weights, basis = cb.fit(lp, _kernel_block(u, x, ls), r, self._noise, x)
-            return FunctionState(u, weights, lp, None, mu, ls, len(x), one_d, jitter=float(self.jitter),
+            basis = cb.fit(lp, _kernel_block(u, x, ls), r, self._noise, x)
+            return FunctionState(u, None, lp, None, mu, ls, len(x), one_d, jitter=float(self.jitter),
                                  cell_basis=basis)
         lazy = reads_lazily(y)
         chunks = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 from .covariance import matern52
@@ -19,6 +20,7 @@ from .covariance import matern52
 __all__ = [
     "full_factor",
     "predict_mean",
+    "kernel_times",
     "leverage_factor",
     "landmark_leverage",
     "full_training_leverage",
@@ -33,10 +35,20 @@ def full_factor(x, ls, noise):
     return jnp.linalg.cholesky(k + noise * jnp.eye(k.shape[0], dtype=k.dtype))
 
 
-@jax.jit
-def predict_mean(xq, inducing, weights, mu, ls):
-    """Posterior mean ``mu + K_{x Z} w`` at query cells (n x G)."""
-    return mu + matern52(xq, inducing, ls) @ weights
+def predict_mean(xq, inducing, weights, mu, ls) -> np.ndarray:
+    """Posterior mean ``mu + K_{x Z} w`` at query cells (n x G), a numpy array.
+
+    The kernel is JAX's; the product runs in the host's BLAS ``dgemm``, which on CPU is
+    faster than XLA's float64 dot (``benchmarks/stages.py``, stage ``impute``).
+    """
+    return kernel_times(np.asarray(matern52(xq, inducing, ls)), weights, mu)
+
+
+def kernel_times(k: np.ndarray, weights, mu) -> np.ndarray:
+    """``mu + k @ weights`` for a kernel block ``k`` (n x m) already on the host."""
+    out = k @ np.asarray(weights, dtype=np.float64)
+    out += mu
+    return out
 
 
 @jax.jit

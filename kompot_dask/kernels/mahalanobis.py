@@ -146,7 +146,9 @@ def _check(delta, square, square_name, q=None, v=None):
 def diag_ratio(sigma) -> float:
     """Return ``trace(Σ) / Σ_ab |Σ_ab|``, the nearly-diagonal branch selector of §6.5."""
     sigma = np.asarray(sigma, dtype=np.float64)
-    return float(np.trace(sigma) / np.sum(np.abs(sigma)))
+    step = max(1, 2**20 // max(sigma.shape[1], 1))  # row blocks of ~8 MB: no full-size |Σ| temporary
+    total = sum(float(np.abs(sigma[i:i + step]).sum()) for i in range(0, sigma.shape[0], step))
+    return float(np.trace(sigma) / total)
 
 
 @with_x64
