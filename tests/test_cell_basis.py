@@ -112,3 +112,20 @@ def test_means_at_the_landmarks_need_no_weights():
     assert_close(out["condition1_imputed"], p1(u), **ALGEBRA, what="imputed 1")  # forms p1's weights
     assert_close(out["condition2_imputed"], p2(u), **ALGEBRA, what="imputed 2")
     assert p1.state.weights is not None
+
+
+def test_the_prior_factor_leaves_the_exact_landmark_kernel(function_landmarks):
+    from kompot_dask.estimators import _shared_factors as shared
+    from kompot_dask.kernels import covariance as cov
+
+    u, ls = function_landmarks["in_landmarks"] + 0.5, float(function_landmarks["out_ls"])  # not cached before
+    lp = shared.prior_factor(u, ls, 1e-6, keep_kernel=True)
+    calls = []
+    real = cov.matern52
+    try:
+        cov.matern52 = lambda *a: calls.append(1) or real(*a)
+        kept = shared.inducing_kernel(u, lp, ls)
+    finally:
+        cov.matern52 = real
+    assert calls == []  # taken from the factor's computation, not evaluated again
+    assert_close(kept, np.asarray(real(u, u, ls)), atol=0, what="K_UU")

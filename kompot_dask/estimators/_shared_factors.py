@@ -46,10 +46,13 @@ def digest(arr: np.ndarray) -> tuple:
     return a.shape, a.dtype.str, hashlib.blake2b(a.view(np.uint8).reshape(-1), digest_size=16).hexdigest()
 
 
-def prior_factor(inducing: np.ndarray, ls: float, jitter: float, what: str = "K_UU + jitter*I") -> np.ndarray:
+def prior_factor(inducing: np.ndarray, ls: float, jitter: float, what: str = "K_UU + jitter*I",
+                 keep_kernel: bool = False) -> np.ndarray:
     """``Lp = chol(K_UU + jitter I)`` of the Matérn-5/2 kernel on ``inducing`` (shared, do not modify).
 
     ``what`` names the matrix in the error raised when it is not positive definite.
+    ``keep_kernel``: a factor computed here leaves its ``K_UU`` to :func:`inducing_kernel`
+    (a fit in the cells' basis asks for it at the landmarks).
 
     Raises
     ------
@@ -63,11 +66,15 @@ def prior_factor(inducing: np.ndarray, ls: float, jitter: float, what: str = "K_
     if lp is not None:
         return lp
     k = np.array(cov.matern52(inducing, inducing, ls))
+    diagonal = np.diagonal(k).copy()
     k[np.diag_indices_from(k)] += jitter
-    lp = post.cholesky_lower(k, what)
+    lp = post.cholesky_lower(k, what)  # potrf works on a copy: k stays K_UU + jI
     lp.setflags(write=False)  # shared by every model fitted on these landmarks
     with _LOCK:
         _PRIORS[key] = weakref.ref(lp, _dropper(_PRIORS, key))
+    if keep_kernel:
+        k[np.diag_indices_from(k)] = diagonal
+        _keep_kernel(lp, ls, k)
     return lp
 
 
@@ -125,7 +132,11 @@ def inducing_kernel(inducing: np.ndarray, lp: np.ndarray, ls: float) -> np.ndarr
         last = _INDUCING.get("kernel")
         if last is not None and last[0] == key and last[1]() is lp:
             return last[2]
-    k = np.array(cov.matern52(inducing, inducing, ls))
+    return _keep_kernel(lp, ls, np.array(cov.matern52(inducing, inducing, ls)))
+
+
+def _keep_kernel(lp: np.ndarray, ls: float, k: np.ndarray) -> np.ndarray:
+    key = ("kernel", id(lp), float(ls))
     k.setflags(write=False)
     with _LOCK:
         _INDUCING["kernel"] = (key, weakref.ref(lp), k)

@@ -295,8 +295,9 @@ class FunctionEstimator:
 
     def _fit_landmarks(self, x: np.ndarray, y: Any, one_d: bool) -> FunctionState:
         u, ls, mu = np.asarray(self.landmarks), self.ls, self.mu
-        lp = shared.prior_factor(u, ls, self.jitter)
-        if self._in_cell_basis(len(u), len(x), 1 if one_d else y.shape[1]):
+        in_cells = self._in_cell_basis(len(u), len(x), 1 if one_d else y.shape[1])
+        lp = shared.prior_factor(u, ls, self.jitter, keep_kernel=in_cells)
+        if in_cells:
             r = np.array(read_rows(y, slice(0, len(x))), dtype=np.float64, order="F")
             r -= mu
             basis = cb.fit(lp, _kernel_block(u, x, ls), r, self._noise, x)
