@@ -65,6 +65,10 @@ class FunctionPredictor(ChunkedPredictor):
     landmarks about 40 % of the rate of 1,000). Predictors fitted in one process on the
     same landmarks share their prior factor, and a block of cells asked of two such
     predictors in turn is projected onto it once (:mod:`._shared_factors`).
+
+    A landmark fit with fewer training cells than landmarks is held in its cells' basis
+    (:mod:`~kompot_dask.kernels.cell_basis`; same numbers up to rounding): its solves are
+    cell-sized, and its means at its own landmarks (:meth:`inducing_mean`) need no weights.
     """
 
     @property
