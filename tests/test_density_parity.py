@@ -81,12 +81,89 @@ def test_loss_gradient_and_path_with_reference_parameters(fitted_ref_params):
     assert_close(est.optimizer_result.fun, case["out_optimizer_fun_val"], atol=1e-4, rtol=1e-8)
 
 
+@pytest.mark.parametrize("n, d", [(600, 1.52), (2499, 2.18), (2501, 7.0)])
+def test_float32_terms_are_the_reference_operations_bit_for_bit(density_full, n, d):
+    """``mle``, ``mu``, ``ls``, ``V`` and ``Vd`` equal the reference's float32 JAX operations,
+    each run alone, in every bit (numpy does the products and sums; fused in one jitted
+    function they would differ in the last bit)."""
+    import jax.numpy as jnp
+    from jax.scipy.special import gammaln
+
+    from kompot_dask._jax import x64
+    from kompot_dask.kernels import density_params as dp
+
+    rng = np.random.default_rng(n)
+    nn = rng.choice(density_full["out_nn_distances"], n) * rng.uniform(0.5, 2.0, n).astype(np.float32)
+    nn = nn.astype(np.float32).astype(np.float64)
+    with x64():
+        r = jnp.asarray(nn.astype(np.float32))
+        c = (d * jnp.log(jnp.pi) / 2) - gammaln(d / 2 + 1)
+        mle = gammaln(d / 2 + 1) - (d / 2) * jnp.log(jnp.pi) - d * jnp.log(r)
+        expected = {
+            "mle": np.asarray(mle, dtype=np.float64),
+            "mu": float(jnp.quantile(mle, 0.01)) - 10.0,
+            "ls": 10.0 * float(jnp.exp(jnp.log(r).mean() + 3.0)),
+            "v": np.asarray(jnp.log(r) * d + c, dtype=np.float64),
+            "vd": np.asarray(jnp.log(d) + ((d - 1) * jnp.log(r)) + c, dtype=np.float64),
+        }
+        v, vd = dp.likelihood_terms(nn, d, True)
+        got = {"mle": dp.nn_log_density_mle(nn, d, True), "mu": dp.prior_mean(nn, d, True),
+               "ls": dp.length_scale(nn, 10.0, True), "v": v, "vd": vd}
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
 def test_float64_arithmetic_stays_within_tolerance(density_landmarks):
     case = density_landmarks
     est = kd.DensityEstimator(nn_float32=False, **_settings(case)).fit(case["in_X"])
     assert_close(est.nn_distances, case["out_nn_distances"], rtol=5e-5, what="float64 nn")
     for where, x in [("train", case["in_X"]), ("query", case["in_X_query"])]:
         assert_close(est.predict(x, normalize=True), case[f"out_log_density_{where}"], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_log_density_and_uncertainty_from_one_kernel_block(name, request, monkeypatch):
+    """What differential abundance asks a predictor for: the two separate calls' numbers exactly,
+    from one ``K_xZ`` per chunk of cells (counted at the kernel) where they take two."""
+    from kompot_dask.estimators import density
+
+    case = request.getfixturevalue(name)
+    p = kd.DensityEstimator(**_settings(case)).fit(case["in_X"]).predict
+    x = case["in_X_query"]
+    calls = []
+    kernel = density.cov.matern52
+    monkeypatch.setattr(density.cov, "matern52", lambda *a: calls.append(len(a[0])) or kernel(*a))
+    with kd.set_options(cell_chunk_size=128):
+        both = p.log_density_and_uncertainty(x, normalize=True)
+        assert calls == [128, 128, 44]
+        separate = p(x, normalize=True), p.uncertainty(x)
+        assert len(calls) == 9
+    np.testing.assert_array_equal(both[0], separate[0])
+    np.testing.assert_array_equal(both[1], separate[1])
+    assert_close(both[0], case["out_log_density_query"], atol=1e-3, what="log density")
+    assert_close(both[1], case["out_uncertainty_query"], atol=1e-9, rtol=2e-3, what="uncertainty")
+
+
+def test_full_ridge_start_forms_no_gram(density_full, monkeypatch):
+    """A full GP's ridge start ``Lpᵀ (I + K + jitter I)⁻¹ t`` is ``(I + Lpᵀ Lp)⁻¹ Lpᵀ t`` to
+    rounding, without the ``Lᵀ L`` term (counted); the preconditioned optimiser, which needs
+    ``chol(I + Lᵀ L)``, still forms it."""
+    from kompot_dask.estimators import density
+    from kompot_dask.kernels import posterior as post
+
+    case, calls = density_full, []
+    counted = density.gram_rhs
+    monkeypatch.setattr(density, "gram_rhs", lambda *a: calls.append(1) or counted(*a))
+    est = kd.DensityEstimator(**_settings(case)).fit(case["in_X"])
+    assert est.gp_type == "full" and calls == []
+    (chunk,) = est._objective.reducer.chunks
+    gram, rhs = counted(chunk, est._objective.prior)
+    factor = density._ridge_factor(gram)
+    z0 = post.solve_lower_t(factor, post.solve_lower(factor, rhs))
+    np.testing.assert_allclose(est.initial_value, z0, rtol=0, atol=1e-11 * np.abs(z0).max())
+    assert_close(est.initial_value, case["out_initial_value"], atol=1e-5, what="initial value")
+    kd.DensityEstimator(optimizer="preconditioned", **_settings(case)).fit(case["in_X"])
+    assert calls == [1]
 
 
 def test_full_covariances_match_diagonals(density_landmarks):

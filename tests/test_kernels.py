@@ -37,6 +37,20 @@ def test_fractal_dimension_matches_reference(density_landmarks):
     assert_close(d, case["out_d"], rtol=1e-10)
 
 
+@pytest.mark.parametrize("n", [501, 1625, 1626, 2499, 20011])
+def test_fractal_query_cells_are_jax_draw(n):
+    """The numpy permutation is JAX's draw bit for bit: one sort round up to n = 1625, two
+    above (the reference cases have n = 600 and 1500), with the key split between rounds."""
+    import jax
+
+    with x64():
+        drawn = jax.random.choice(jax.random.PRNGKey(neighbors.FRACTAL_SEED), n,
+                                  shape=(neighbors.FRACTAL_N_QUERIES,), replace=False)
+        full = jax.random.permutation(jax.random.PRNGKey(7), n)
+    np.testing.assert_array_equal(neighbors.fractal_query_indices(n), np.asarray(drawn))
+    np.testing.assert_array_equal(neighbors.jax_permutation(7, n), np.asarray(full))
+
+
 def test_nn_distances_float32_and_float64(density_full):
     x = density_full["in_X"]
     tree = neighbors.build_tree(x)

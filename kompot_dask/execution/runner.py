@@ -92,13 +92,17 @@ def run_graph(build: Callable[[], Any], client: Any = None) -> Any:
     :data:`ATTEMPTS` times.
     """
     if client is None:
+        from dask.local import get_sync
+
         graph = build()
+        # The function rather than its name "sync": a named scheduler makes dask import
+        # distributed (0.25 s) to look for a client this branch does not use.
         if get_options()["progress"]:
             from dask.diagnostics import ProgressBar
 
             with ProgressBar(out=sys.stderr):  # stdout stays free for a program's own output
-                return graph.compute(scheduler="sync")
-        return graph.compute(scheduler="sync")
+                return graph.compute(scheduler=get_sync)
+        return graph.compute(scheduler=get_sync)
     for attempt in range(1, ATTEMPTS + 1):
         future = client.compute(build(), retries=1)
         try:

@@ -5,6 +5,13 @@ reproduces the reference (SPEC §10.15): its NN distances are float32, so ``ln r
 ``mle``, ``mu``, ``ls`` and the likelihood terms ``d ln r + c`` are float32 JAX
 operations there (Python-float scalars do not promote them). Matching that brings the
 loss and gradient at a given latent to ~1e-10 of the reference instead of ~1e-5.
+
+The reference runs those operations one at a time. ``ln r``, the quantile and the mean are
+JAX's here too; the products and sums of float32 arrays with scalars are numpy's, which
+rounds each IEEE operation exactly as a lone XLA operation does (a scalar enters float32
+rounded to nearest, as JAX converts a weak-typed one), with no compilation per number of
+cells. They are not fused into one jitted function: XLA then contracts ``a * b + c`` into
+a fused multiply-add and its results differ in the last bit.
 """
 
 from __future__ import annotations
@@ -33,15 +40,35 @@ def _jnp_f32(nn: np.ndarray):
     return jnp, jnp.asarray(np.asarray(nn, dtype=np.float32))
 
 
+def _log_f32(nn: np.ndarray) -> np.ndarray:
+    """``ln r`` of the float32 NN distances, a float32 JAX operation (as the reference's)."""
+    jnp, r = _jnp_f32(nn)
+    return np.asarray(jnp.log(r))
+
+
+def _f32(scalar) -> np.float32:
+    """A (weak-typed) scalar as it enters a float32 operation: rounded to nearest float32."""
+    return np.float32(float(scalar))
+
+
+def _scalar_constants(d: float) -> tuple[float, float, float]:
+    """The float64 scalars of the float32 arithmetic, as the reference computes them:
+    ``lnGamma(d/2+1) - (d/2) ln pi``, its negative ``c`` written the reference's way, ``ln d``."""
+    import jax.numpy as jnp
+    from jax.scipy.special import gammaln as jgammaln
+
+    head = jgammaln(d / 2 + 1) - (d / 2) * jnp.log(jnp.pi)
+    c = (d * jnp.log(jnp.pi) / 2) - jgammaln(d / 2 + 1)
+    return float(head), float(c), float(jnp.log(d))
+
+
 def nn_log_density_mle(nn: np.ndarray, d: float, float32: bool = False) -> np.ndarray:
     """``lnGamma(d/2 + 1) - (d/2) ln(pi) - d ln(nn_i)``: the per-cell MLE of log density."""
     d = float(d)
     if not float32:
         return -log_ball_volume_constant(d) - d * np.log(nn)
-    from jax.scipy.special import gammaln as jgammaln
-
-    jnp, r = _jnp_f32(nn)
-    return np.asarray(jgammaln(d / 2 + 1) - (d / 2) * jnp.log(jnp.pi) - d * jnp.log(r), dtype=np.float64)
+    head, _, _ = _scalar_constants(d)
+    return (_f32(head) - _f32(d) * _log_f32(nn)).astype(np.float64)
 
 
 def prior_mean(nn: np.ndarray, d: float, float32: bool = False) -> float:
@@ -70,13 +97,11 @@ def likelihood_terms(nn: np.ndarray, d: float, float32: bool = False) -> tuple[n
         c = log_ball_volume_constant(d)
         log_r = np.log(nn)
         return d * log_r + c, np.log(d) + (d - 1.0) * log_r + c
-    from jax.scipy.special import gammaln as jgammaln
-
-    jnp, r = _jnp_f32(nn)
-    c = (d * jnp.log(jnp.pi) / 2) - jgammaln(d / 2 + 1)
-    v = jnp.log(r) * d + c
-    vd = jnp.log(d) + ((d - 1) * jnp.log(r)) + c
-    return np.asarray(v, dtype=np.float64), np.asarray(vd, dtype=np.float64)
+    _, c, log_d = _scalar_constants(d)
+    log_r = _log_f32(nn)
+    v = log_r * _f32(d) + _f32(c)
+    vd = (_f32(log_d) + _f32(d - 1) * log_r) + _f32(c)
+    return v.astype(np.float64), vd.astype(np.float64)
 
 
 def validate_nn_distances(nn: np.ndarray) -> np.ndarray:
