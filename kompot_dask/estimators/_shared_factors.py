@@ -68,7 +68,7 @@ def prior_factor(inducing: np.ndarray, ls: float, jitter: float, what: str = "K_
     k = np.array(cov.matern52(inducing, inducing, ls))
     diagonal = np.diagonal(k).copy()
     k[np.diag_indices_from(k)] += jitter
-    lp = post.cholesky_lower(k, what)  # potrf works on a copy: k stays K_UU + jI
+    lp = post.cholesky_lower(k, what, overwrite=not keep_kernel)  # kept: potrf works on a copy
     lp.setflags(write=False)  # shared by every model fitted on these landmarks
     with _LOCK:
         _PRIORS[key] = weakref.ref(lp, _dropper(_PRIORS, key))

@@ -101,18 +101,16 @@ class FunctionPredictor(ChunkedPredictor):
     def inducing_mean(self, rows: Any = slice(None), genes: Any = None) -> np.ndarray:
         """Posterior mean at the landmarks ``inducing[rows]``, (r, G) (a landmark fit only).
 
-        Fitted in the cells' basis this is ``mu + (K_{U_r X} − j G_r) z``, which needs no
-        weights; otherwise ``mu + K_{U_r U} w``.
+        Fitted in the cells' basis this is ``mu + E_r z`` (``E = K_UX − j G``, kept with the
+        fit), which needs no weights; otherwise ``mu + K_{U_r U} w``.
         """
         st = self.state
         if not st.landmark_mode:
             raise ValueError("means at the landmarks need a landmark-mode fit")
-        points = st.inducing[rows]
         if st.cell_basis is None:
             w = self.weights if genes is None else self.weights[:, genes]
-            return self.predict_with(points, w, st.mu, keep_columns=True)
-        k_rx = np.array(cov.matern52(points, st.cell_basis.cells, st.ls))
-        out = cb.inducing_mean(st.cell_basis, k_rx, rows, st.jitter, genes)
+            return self.predict_with(st.inducing[rows], w, st.mu, keep_columns=True)
+        out = cb.inducing_mean(st.cell_basis, rows, genes)
         out += st.mu
         return out
 
@@ -158,8 +156,7 @@ class FunctionPredictor(ChunkedPredictor):
             return self._by_chunks(x, lambda xc: cb.variance(
                 np.asarray(cov.matern52_diag(xc, st.ls)), basis, _kernel_block(st.inducing, xc, st.ls)))
         if st.jitter is not None and _same_points(x, st.inducing):
-            return cb.inducing_covariance(shared.inducing_kernel(st.inducing, st.lp, st.ls), basis,
-                                          _kernel_block(basis.cells, x, st.ls), st.jitter)
+            return cb.inducing_covariance(shared.inducing_kernel(st.inducing, st.lp, st.ls), basis)
         return cb.covariance(np.asarray(cov.matern52(x, x, st.ls)), basis, _kernel_block(st.inducing, x, st.ls))
 
     def _landmark_variance(self, xc: np.ndarray) -> np.ndarray:
@@ -304,7 +301,7 @@ class FunctionEstimator:
         if in_cells:
             r = np.array(read_rows(y, slice(0, len(x))), dtype=np.float64, order="F")
             r -= mu
-            basis = cb.fit(lp, _kernel_block(u, x, ls), r, self._noise, x)
+            basis = cb.fit(lp, _kernel_block(u, x, ls), r, self._noise, self.jitter, x)
             return FunctionState(u, None, lp, None, mu, ls, len(x), one_d, jitter=float(self.jitter),
                                  cell_basis=basis)
         lazy = reads_lazily(y)

@@ -10,11 +10,12 @@ cell-sized one::
 
 since ``‖A_*‖² − ‖LB⁻¹A_*‖² = A_*ᵀ A (σ² I + AᵀA)⁻¹ Aᵀ A_*`` and ``Aᵀ A_* = Gᵀ k_U*``. At
 the landmarks themselves ``Gᵀ K_UU = K_XU − j Gᵀ`` (because ``P⁻¹ K_UU = I − j P⁻¹``), so
-the covariance there is ``K_UU − SᵀS`` with ``S = Lc⁻¹ (K_XU − j Gᵀ)``: one ``c² M`` solve
-and one ``M² c`` product, no product with ``K_UU``.
+the covariance there is ``K_UU − SᵀS`` with ``S = Lc⁻¹ Eᵀ``, ``E = K_UX − j G``: one ``c² M``
+solve and one ``M² c`` product, no product with ``K_UU``.
 
-The means at the landmarks themselves need no weights: ``K_UU w = (K_UX − j G) z``
-(:func:`inducing_mean`), ``2 M c G`` operations instead of ``G z`` and ``K_UU w``.
+The means at the landmarks themselves need no weights: ``K_UU w = E z`` (:func:`inducing_mean`),
+``2 M c G`` operations instead of ``G z`` and ``K_UU w``. ``E`` is kept with the fit, so
+neither the means nor the covariance at the landmarks evaluate a kernel.
 
 When a condition has fewer cells ``c`` than landmarks ``M`` (Kompot's DE default of 5,000
 landmarks on an atlas of up to 5,000 cells, two conditions), this replaces the ``M³/3``
@@ -43,6 +44,7 @@ class CellBasis(NamedTuple):
     lc: np.ndarray  # chol(σ² I + AᵀA), (c × c)
     g: np.ndarray  # G = Lp⁻ᵀ A = P⁻¹ K_UX, (M × c), Fortran-ordered
     z: np.ndarray  # (σ² I + AᵀA)⁻¹ (Y − mu), (c × G): the weights are w = G z
+    e: np.ndarray  # E = K_UX − j G = K_UU G, (M × c), Fortran-ordered: the landmarks' terms
 
 
 def fit_flops(m: int, c: int, g: int) -> tuple[float, float]:
@@ -58,25 +60,29 @@ def fit_flops(m: int, c: int, g: int) -> tuple[float, float]:
     return landmark, cell
 
 
-def fit(lp: np.ndarray, k_ux: np.ndarray, r: np.ndarray, sigma2: float, cells: np.ndarray) -> CellBasis:
+def fit(lp: np.ndarray, k_ux: np.ndarray, r: np.ndarray, sigma2: float, jitter: float,
+        cells: np.ndarray) -> CellBasis:
     """The :class:`CellBasis` of a landmark fit (its weights are :func:`weights`).
 
-    ``lp = chol(K_UU + jI)``, ``k_ux = K_UX`` (M × c, overwritten when Fortran-ordered),
-    ``r = Y − mu`` (c × G, overwritten when Fortran-ordered), ``sigma2`` the noise variance.
+    ``lp = chol(K_UU + jitter I)``, ``k_ux = K_UX`` (M × c, overwritten when
+    Fortran-ordered), ``r = Y − mu`` (c × G, overwritten when Fortran-ordered), ``sigma2``
+    the noise variance.
 
     Raises
     ------
     kompot_dask.kernels.posterior.FactorError
         When ``σ² I + AᵀA`` is not positive definite (a non-finite kernel or target).
     """
+    e = np.array(k_ux, dtype=np.float64, order="F")  # K_UX, kept: E = K_UX − j G below
     a = post.solve_lower(lp, k_ux, overwrite=True)
     s = post.gram(a)
     s[np.diag_indices_from(s)] += sigma2
-    lc = post.cholesky_lower(s, "σ² I + Aᵀ A")
+    lc = post.cholesky_lower(s, "σ² I + Aᵀ A", overwrite=True)
     del s
     z = post.solve_lower_t(lc, post.solve_lower(lc, r, overwrite=True), overwrite=True)
     g = post.solve_lower_t(lp, a, overwrite=True)  # G = Lp⁻ᵀ A = P⁻¹ K_UX, in A's memory
-    return CellBasis(np.asarray(cells, dtype=np.float64), lc, g, z)
+    e -= jitter * g
+    return CellBasis(np.asarray(cells, dtype=np.float64), lc, g, z, e)
 
 
 def weights(basis: CellBasis) -> np.ndarray:
@@ -84,16 +90,14 @@ def weights(basis: CellBasis) -> np.ndarray:
     return basis.g @ basis.z
 
 
-def inducing_mean(basis: CellBasis, k_rx: np.ndarray, rows, jitter: float, genes=None) -> np.ndarray:
+def inducing_mean(basis: CellBasis, rows=slice(None), genes=None) -> np.ndarray:
     """``K_{U_r U} w`` at the landmarks ``U_r = U[rows]``, without the weights.
 
-    ``K_UU P⁻¹ = I − j P⁻¹`` gives ``K_UU w = K_UX z − j G z = (K_UX − j G) z``: one
-    product with ``c`` (not ``M``) inner terms. ``k_rx`` is ``K(U_r, X)`` (r × c, writable;
-    it is overwritten).
+    ``K_UU P⁻¹ = I − j P⁻¹`` gives ``K_UU w = K_UX z − j G z = E z``: one product with
+    ``c`` (not ``M``) inner terms, and no kernel to evaluate.
     """
-    k_rx -= jitter * basis.g[rows]
     z = basis.z if genes is None else basis.z[:, genes]
-    return k_rx @ z
+    return basis.e[rows] @ z
 
 
 def _reduced(basis: CellBasis, k_uq: np.ndarray) -> np.ndarray:
@@ -112,14 +116,7 @@ def covariance(k_qq: np.ndarray, basis: CellBasis, k_uq: np.ndarray) -> np.ndarr
     return np.subtract(k_qq, out, out=out)
 
 
-def inducing_covariance(k_uu: np.ndarray, basis: CellBasis, k_xu: np.ndarray, jitter: float) -> np.ndarray:
-    """DTC latent covariance at the landmarks: ``K_UU − SᵀS``, ``S = Lc⁻¹ (K_XU − j Gᵀ)``.
-
-    ``k_xu`` (c × M) is the kernel between the training cells and the landmarks; it is
-    overwritten when Fortran-ordered and writable.
-    """
-    writable = k_xu.flags.f_contiguous and k_xu.flags.writeable and k_xu.dtype == np.float64
-    rhs = k_xu if writable else np.array(k_xu, dtype=np.float64, order="F")
-    rhs -= jitter * basis.g.T
-    out = post.gram(post.solve_lower(basis.lc, rhs, overwrite=True))
+def inducing_covariance(k_uu: np.ndarray, basis: CellBasis) -> np.ndarray:
+    """DTC latent covariance at the landmarks: ``K_UU − SᵀS``, ``S = Lc⁻¹ Eᵀ = Lc⁻¹ (K_XU − j Gᵀ)``."""
+    out = post.gram(post.solve_lower(basis.lc, basis.e.T))
     return np.subtract(k_uu, out, out=out)

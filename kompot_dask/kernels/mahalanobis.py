@@ -69,7 +69,7 @@ def _cholesky_jitter(sigma: np.ndarray, eps: float) -> np.ndarray:
     a = np.array(sigma, dtype=np.float64)
     a[np.diag_indices_from(a)] += eps
     try:
-        return posterior.cholesky_lower(a, "Σ + eps I")
+        return posterior.cholesky_lower(a, "Σ + eps I", overwrite=True)
     except posterior.FactorError:
         return np.full_like(a, np.nan)
 

@@ -60,12 +60,13 @@ def _failure_message(what: str) -> str:
     )
 
 
-def cholesky_lower(a: np.ndarray, what: str) -> np.ndarray:
+def cholesky_lower(a: np.ndarray, what: str, overwrite: bool = False) -> np.ndarray:
     """Lower Cholesky factor of the symmetric positive definite ``a`` (C-ordered).
 
     Reads the lower triangle of ``a`` (as :func:`numpy.linalg.cholesky` does) and calls
     LAPACK ``potrf`` on the array's memory as it lies (a C-ordered ``a`` is the Fortran
     ``aᵀ``: its upper factor ``U`` is ``Lᵀ``), so no transposed copy is made.
+    ``overwrite=True`` lets a contiguous float64 ``a`` hold the factor (no copy at all).
 
     Raises
     ------
@@ -78,10 +79,11 @@ def cholesky_lower(a: np.ndarray, what: str) -> np.ndarray:
     if not np.isfinite(a).all():
         raise FactorError(_failure_message(what))
     if a.flags.c_contiguous:
-        u, info = scipy.linalg.lapack.dpotrf(a.T, lower=0, clean=1)
+        u, info = scipy.linalg.lapack.dpotrf(a.T, lower=0, clean=1, overwrite_a=int(overwrite))
         lower = u.T
     else:
-        lower, info = scipy.linalg.lapack.dpotrf(np.asfortranarray(a), lower=1, clean=1)
+        lower, info = scipy.linalg.lapack.dpotrf(np.asfortranarray(a), lower=1, clean=1,
+                                                 overwrite_a=int(overwrite))
     if info != 0:
         raise FactorError(_failure_message(what))
     return np.ascontiguousarray(lower)
@@ -166,7 +168,7 @@ def noise_factor(aat: np.ndarray, sigma2: float, what: str = "I + A Aᵀ / σ²"
     """``LB = chol(I + A Aᵀ / σ²)`` of a landmark fit from its summed ``A Aᵀ`` (SPEC §3.3)."""
     b = np.array(aat, dtype=np.float64) / sigma2
     b[np.diag_indices_from(b)] += 1.0
-    return cholesky_lower(b, what)
+    return cholesky_lower(b, what, overwrite=True)
 
 
 def landmark_weights(lp: np.ndarray, lb: np.ndarray, a_r: np.ndarray, sigma2: float) -> np.ndarray:
