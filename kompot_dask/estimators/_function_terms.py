@@ -2,7 +2,9 @@
 
 A chunk carries its cells and a :class:`RowBlock`, a handle on its rows of the targets
 that reads them where the term runs: on a worker for zarr- or dask-backed expression, so
-expression never passes through the client.
+expression never passes through the client. (A fit in the cells' basis, chosen when a
+condition has fewer cells than landmarks, sums nothing: it reads its ``c × G`` targets in
+the fitting process, less than the ``M × G`` weights held there anyway.)
 """
 
 from __future__ import annotations
