@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..estimators import FunctionEstimator
-from ..estimators.function import FunctionPredictor
+from ..estimators.function import FunctionPredictor, same_points
 from ..estimators._inputs import read_rows, take_rows
 from ..kernels import function as fk
 from ._variance import variance_diag
@@ -155,7 +155,7 @@ def landmark_pair(m1: ConditionModel, m2: ConditionModel) -> tuple | None:
         return None
     s1, s2 = p1.state, p2.state
     shared = (s1.landmark_mode and s2.landmark_mode and s1.ls == s2.ls
-              and (s1.inducing is s2.inducing or np.array_equal(s1.inducing, s2.inducing)))
+              and (s1.inducing is s2.inducing or same_points(s1.inducing, s2.inducing)))
     return (p1, p2) if shared else None
 
 
@@ -166,8 +166,7 @@ def _rows_of_landmarks(pair: tuple, x: np.ndarray, landmark_rows: Any) -> Any:
         return None
     if landmark_rows is not None:
         return landmark_rows
-    u = pair[0].state.inducing
-    return slice(None) if x.shape == u.shape and np.array_equal(x, u) else None
+    return slice(None) if same_points(x, pair[0].state.inducing) else None
 
 
 def _batch(weights: np.ndarray, genes: Any) -> np.ndarray:

@@ -41,6 +41,7 @@ from ..kernels import posterior as post
 from ..kernels.covariance import matern52
 from ..options import get_options
 from ..estimators._shared_factors import inducing_terms
+from ..estimators.function import same_points
 from ..io.inputs import lazy_rows
 from ._relabel import ReplicateNull, balance_weights, on_shared_landmarks, relabellings, sample_units
 
@@ -100,7 +101,7 @@ def point_terms(gp: LandmarkGP, points: np.ndarray, eps: float) -> PointTerms:
     of two order-one matrices (their difference is of the order of the jitter).
     """
     points = np.asarray(points, dtype=np.float64)
-    if points.shape == gp.inducing.shape and np.array_equal(points, gp.inducing):
+    if same_points(points, gp.inducing):
         shared = inducing_terms(gp.lp, gp.jitter)  # the model's Σ at its landmarks made the same
         return PointTerms(shared.projection, shared.residual, float(eps))
     a_p = post.solve_lower(gp.lp, np.asfortranarray(matern52(gp.inducing, points, gp.ls)), overwrite=True)

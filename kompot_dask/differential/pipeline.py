@@ -28,7 +28,7 @@ import numpy as np
 from .._jax import x64
 from ..execution.runner import logger, run_graph, share, task
 from ..fdr import compute_fdr
-from ..estimators.function import FunctionPredictor
+from ..estimators.function import FunctionPredictor, same_points
 from ..kernels import differential as dk
 from ..kernels import mahalanobis as mk
 from ._blocks import ABUNDANCE_KEYS, EXPRESSION_KEYS, STD_KEYS, abundance_block, expression_block
@@ -337,8 +337,7 @@ def _landmark_rows(model: ExpressionModel, points: np.ndarray | None, point_rows
     pair = landmark_pair(model.condition1, model.condition2)
     if point_rows is None or pair is None:
         return None
-    u = pair[0].state.inducing
-    return point_rows if points.shape == u.shape and np.array_equal(points, u) else None
+    return point_rows if same_points(points, pair[0].state.inducing) else None
 
 
 def _form_weights(model: ExpressionModel) -> None:

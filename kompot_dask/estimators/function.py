@@ -120,7 +120,7 @@ class FunctionPredictor(ChunkedPredictor):
         (``weights`` (m, k) need not be its own); (n, k), or (n,) for a vector target
         unless ``keep_columns``."""
         st, x = self.state, self._query(x)
-        if st.landmark_mode and _same_points(x, st.inducing):
+        if st.landmark_mode and same_points(x, st.inducing):
             out = fk.kernel_times(shared.inducing_kernel(st.inducing, st.lp, st.ls), weights, mu)
         else:
             out = self._by_chunks(x, lambda xc: fk.predict_mean(xc, st.inducing, weights, mu, st.ls))
@@ -145,7 +145,7 @@ class FunctionPredictor(ChunkedPredictor):
                                         st.lp)
         if diag:
             return self._by_chunks(x, self._landmark_variance)
-        if st.jitter is not None and _same_points(x, st.inducing):
+        if st.jitter is not None and same_points(x, st.inducing):
             return post.inducing_covariance(shared.inducing_terms(st.lp, st.jitter), st.lb)
         a, _ = shared.cell_projection(x, st.inducing, st.lp, st.ls)
         return post.landmark_covariance(np.asarray(cov.matern52(x, x, st.ls)), a, st.lb)
@@ -155,7 +155,7 @@ class FunctionPredictor(ChunkedPredictor):
         if diag:
             return self._by_chunks(x, lambda xc: cb.variance(
                 np.asarray(cov.matern52_diag(xc, st.ls)), basis, _kernel_block(st.inducing, xc, st.ls)))
-        if st.jitter is not None and _same_points(x, st.inducing):
+        if same_points(x, st.inducing):
             return cb.inducing_covariance(shared.inducing_kernel(st.inducing, st.lp, st.ls), basis)
         return cb.covariance(np.asarray(cov.matern52(x, x, st.ls)), basis, _kernel_block(st.inducing, x, st.ls))
 
@@ -174,7 +174,7 @@ class FunctionPredictor(ChunkedPredictor):
             return self._by_chunks(x, lambda xc: fk.landmark_leverage(xc, st.inducing, st.leverage_factor, st.ls))
         if st.train_leverage is None:
             raise ValueError("leverage needs a model fitted with `obs_variance=True`")
-        if x.shape != st.inducing.shape or not np.array_equal(x, st.inducing):
+        if not same_points(x, st.inducing):
             msg = "a full GP defines leverage at its training cells only; pass them, or fit with landmarks"
             raise ValueError(msg)
         return st.train_leverage
@@ -356,7 +356,8 @@ def _kernel_block(a: np.ndarray, b: np.ndarray, ls: float) -> np.ndarray:
     return np.array(cov.matern52(b, a, ls)).T
 
 
-def _same_points(x: np.ndarray, inducing: np.ndarray) -> bool:
+def same_points(x: np.ndarray, inducing: np.ndarray) -> bool:
+    """Whether the cells ``x`` are the points ``inducing`` themselves, in the same order."""
     return x.shape == inducing.shape and np.array_equal(x, inducing)
 
 

@@ -38,8 +38,8 @@ def full_factor(x, ls, noise):
 def predict_mean(xq, inducing, weights, mu, ls) -> np.ndarray:
     """Posterior mean ``mu + K_{x Z} w`` at query cells (n x G), a numpy array.
 
-    The kernel is JAX's; the product runs in the host's BLAS ``dgemm``, which on CPU is
-    faster than XLA's float64 dot (``benchmarks/stages.py``, stage ``impute``).
+    The kernel is JAX's; the product runs in the host's BLAS ``dgemm``, like the other
+    landmark-sized algebra (:mod:`.posterior`), and returns a numpy array for the caller.
     """
     return kernel_times(np.asarray(matern52(xq, inducing, ls)), weights, mu)
 
