@@ -73,6 +73,17 @@ def test_sample_variance_factor_is_bessel_covariance(de_class):
                                atol=1e-14)
 
 
+@pytest.mark.parametrize("samples", [2, 3, 5])
+def test_reduced_sample_variance_factor_has_one_column_fewer_and_the_same_covariance(de_class, samples):
+    means = np.concatenate([de_class["out_sv_aux_sample_mean_landmarks_condition1"]] * 2)[:samples]
+    means = means + np.arange(samples)[:, None, None] * 0.1 * np.sin(np.arange(means.shape[1]))[None, :, None]
+    full, reduced = mh.sample_variance_factor(means), mh.sample_variance_factor(means, reduced=True)
+    assert reduced.shape == (full.shape[0], samples - 1, full.shape[2])
+    for g in (0, 3):
+        np.testing.assert_allclose(reduced[:, :, g] @ reduced[:, :, g].T, full[:, :, g] @ full[:, :, g].T,
+                                   rtol=0, atol=1e-13)
+
+
 # --------------------------------------------------------------------------- Woodbury exactness
 def _dense_numpy(sigma, delta, q, eps):
     out = []

@@ -5,7 +5,9 @@ multi-process cluster.
 - the graph's numbers against a dense reference written from the definitions (weighted
   per-sample sums, each pseudo-condition's DTC fit, one dense Cholesky per gene);
 - every block task gets one cell chunk × one gene batch of expression, nothing more;
-- a 2-process LocalCluster gives the in-process numbers (1e-8), with the tasks on both workers.
+- a 2-process LocalCluster gives the in-process numbers (1e-8), with the tasks on both workers;
+- with a landmark on every cell (Kompot's 5,000 landmarks on up to 5,000 cells) the null runs
+  in the cells' basis (:mod:`kompot_dask.differential._relabel_cells`): the same checks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import scipy.linalg
 from conftest import assert_close
 
 from kompot_dask._jax import with_x64
-from kompot_dask.differential import _relabel, _relabel_graph
+from kompot_dask.differential import _relabel, _relabel_cells, _relabel_graph
 from kompot_dask.kernels import mahalanobis as mk
 from kompot_dask.kernels.covariance import matern52
 from kompot_dask.testing import condition_arrays, simulate_atlas
@@ -37,6 +39,21 @@ def model():
     y2[:, BOOST] += 2.0
     lazy = [da.from_array(y, chunks=(CHUNK, -1)) for y in (c.y1, y2)]
     return DifferentialExpression(n_landmarks=50, random_state=0).fit(
+        c.x1, lazy[0], c.x2, lazy[1], condition1_sample_indices=c.samples1, condition2_sample_indices=c.samples2)
+
+
+@pytest.fixture(scope="module")
+def cell_model():
+    """Landmarks on all 360 cells, expression read lazily: the null takes the cells' basis."""
+    import dask.array as da
+
+    from kompot_dask import DifferentialExpression
+
+    c = condition_arrays(simulate_atlas(360, 12, seed=5, effect="null"))
+    y2 = c.y2.copy()
+    y2[:, [0, 5]] += 2.0
+    lazy = [da.from_array(y, chunks=(100, -1)) for y in (c.y1, y2)]
+    return DifferentialExpression(n_landmarks=400, random_state=0).fit(
         c.x1, lazy[0], c.x2, lazy[1], condition1_sample_indices=c.samples1, condition2_sample_indices=c.samples2)
 
 
@@ -123,5 +140,82 @@ def test_a_multiprocess_cluster_gives_the_in_process_numbers(model):
     blocks = (-(-n1 // CHUNK) + -(-n2 // CHUNK)) * 5
     assert sum(k.startswith("kompot-replicate-block-") for k in keys) == blocks
     assert sum("kompot-replicate-distances-" in k for k in keys) == 10 * 5  # real + 9 relabellings, 5 batches
+    workers = {t["worker"] for t in stream.data if "kompot-replicate-" in str(t["key"])}
+    assert len(workers) == 2
+
+
+def _counting(monkeypatch, name):
+    """Count the calls of ``_relabel_cells.<name>`` (the graph looks it up when it is built)."""
+    calls = []
+    original = getattr(_relabel_cells, name)
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(_relabel_cells, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("at_landmarks", [True, False])
+@pytest.mark.parametrize("balance", [None, 30])
+def test_cell_basis_distances_match_the_definition(cell_model, balance, at_landmarks, monkeypatch):
+    """Landmarks on every cell: the cells' basis runs (one ``cells`` task, counted), and its
+    distances (real labelling and one relabelling) are the dense reference's, at the
+    landmarks and elsewhere."""
+    cells = _counting(monkeypatch, "cell_terms_task")
+    x1 = cell_model._replicate_data[0]
+    landmarks = cell_model.function_predictor1.landmarks
+    assert len(landmarks) == len(x1) + len(cell_model._replicate_data[3])
+    points = np.asarray(landmarks) if at_landmarks else x1[::7][:20] + 0.01
+    cell_model.compute_replicate_fdr(balance=balance, landmarks_override=None if at_landmarks else points,
+                                     gene_batch=5)
+    result = cell_model.replicate_null_result
+    assert len(cells) == 1
+    identity = np.asarray(result.units.condition == 2)
+    assert_close(result.observed, _reference(cell_model, identity, points, balance), rtol=1e-8, atol=0,
+                 what="observed")
+    r = 3
+    assert_close(result.null[r], _reference(cell_model, result.assignments[r], points, balance), rtol=1e-8,
+                 atol=0, what="relabelled")
+
+
+def test_cell_basis_and_landmark_form_agree(cell_model, monkeypatch):
+    """Forced into the landmark form, the same model gives the cells' basis numbers."""
+    cell_model.compute_replicate_fdr(gene_batch=5)
+    cells = cell_model.replicate_null_result
+    monkeypatch.setattr(_relabel_cells, "cheaper", lambda *args: False)
+    cell_model.compute_replicate_fdr(gene_batch=5)
+    landmark = cell_model.replicate_null_result
+    assert_close(cells.observed, landmark.observed, rtol=1e-9, atol=0, what="observed")
+    assert_close(cells.null, landmark.null, rtol=1e-9, atol=0, what="null")
+
+
+def test_cell_basis_is_chosen_for_few_cells_only():
+    """5,000 landmarks: 5,000 cells in 3 + 3 samples take the cells' basis, 20,000 do not."""
+    def groups(n):
+        return [(n // 2, n // 2)] * 10
+
+    assert _relabel_cells.cheaper(5000, 5000, 5000, groups(5000), [5000 // 6] * 6, 2000)
+    assert not _relabel_cells.cheaper(5000, 5000, 20000, groups(20000), [20000 // 6] * 6, 2000)
+    assert not _relabel_cells.cheaper(1000, 1000, 100_000, groups(100_000), [100_000 // 6] * 6, 2000)
+
+
+def test_cell_basis_on_a_multiprocess_cluster_gives_the_in_process_numbers(cell_model):
+    distributed = pytest.importorskip("distributed")
+    here = cell_model.compute_replicate_fdr(gene_batch=5)
+    null_here = cell_model.replicate_null_result
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GB",
+                                  dashboard_address=":0") as lc, distributed.Client(lc) as client, \
+            distributed.get_task_stream(client) as stream:
+        there = cell_model.compute_replicate_fdr(gene_batch=5)
+    null_there = cell_model.replicate_null_result
+    assert_close(null_there.observed, null_here.observed, rtol=1e-8, atol=0, what="observed")
+    assert_close(null_there.null, null_here.null, rtol=1e-8, atol=0, what="null")
+    np.testing.assert_array_equal(there["is_de"].to_numpy(), here["is_de"].to_numpy())
+    keys = [str(t["key"]) for t in stream.data]
+    assert sum(k.startswith("kompot-replicate-cells-") for k in keys) == 1
+    assert sum(k.startswith("kompot-replicate-targets-") for k in keys) == 3  # 12 genes in batches of 5
+    assert sum(k.startswith("kompot-replicate-block-") for k in keys) == 0
     workers = {t["worker"] for t in stream.data if "kompot-replicate-" in str(t["key"])}
     assert len(workers) == 2

@@ -18,8 +18,12 @@ one M × M Cholesky per pseudo-condition, the weights (``O(M² G)``), the poster
 covariance at the evaluation points (``O(M³)``), and the Mahalanobis distances
 (``O(M² G S)`` with sample variance, the Woodbury form). The per-sample GP means of the
 sample variance come from the same per-sample sums (the model's per-sample fits use the
-same landmarks, length scale and noise), so nothing is refitted. The real labelling goes
-through the same code and reproduces the model's own distances (tests: 1e-8). The sums
+same landmarks, length scale and noise), so nothing is refitted. When each pseudo-condition has
+fewer cells than there are landmarks (Kompot's 5,000 landmarks on up to 5,000 cells), the
+same fits run in the cells' basis instead (:mod:`._relabel_cells`: a cell-sized Cholesky per
+pseudo-condition, ``c² p + p² c`` for its covariance), whichever takes fewer operations.
+The real labelling goes through the same code and reproduces the model's own distances
+(tests: 1e-8). The sums
 and the distances run as dask tasks over (cell chunk × gene batch) blocks, on the
 cluster when there is one (:mod:`._relabel_graph`).
 

@@ -17,6 +17,11 @@ docstring of :mod:`._relabel`). Here those sums and the distances are tasks, nam
 4. ``distances``: per relabelling and gene batch;
 5. ``collect``: the gene-sized results, the graph's last task.
 
+When the cells' basis takes fewer operations (:func:`._relabel_cells.cheaper`), stages 1–3
+are replaced (:meth:`_Layout.cell_graph`): one ``cells`` task makes ``H = ÃᵀÃ`` and
+``F = A_Pᵀ Ã`` of all cells, one ``targets`` task per gene batch reads every cell's
+expression for that batch, and the factors, sample means and distances are made from them.
+
 No task holds more than one block of expression and landmark-sized arrays (M × M, M × p,
 p × p, and M × g or p × g per sample). The graph runs on a ``distributed`` client when the
 expression is read lazily (dask, zarr), else in this process, task by task (shipping
@@ -43,6 +48,7 @@ from ..options import get_options
 from ..estimators._shared_factors import inducing_terms
 from ..estimators.function import same_points
 from ..io.inputs import lazy_rows
+from . import _relabel_cells as rc
 from ._relabel import ReplicateNull, balance_weights, on_shared_landmarks, relabellings, sample_units
 
 __all__ = ["replicate_null_distances", "LandmarkGP", "landmark_gp"]
@@ -204,13 +210,28 @@ def _distance_task(factor: RelabelFactor, groups: tuple, cols: np.ndarray | None
 
     a = [sum(pick(sums[c][i]) for c, i, _ in members) for members in groups]
     delta = factor.op2.T @ a[1] - factor.op1.T @ a[0]
+    return _distances(delta, factor, groups, [None if m is None else pick(m) for m in means], eps)
+
+
+def _distances(delta: np.ndarray, factor: Any, groups: tuple, means: list, eps: float) -> np.ndarray:
+    """The Mahalanobis distances of ``delta`` under ``factor``'s ``Σ`` and, with sample
+    variance, each pseudo-condition's replicate covariance from its samples' ``means``."""
     parts = []
     for members in groups:
-        own = [pick(means[s]) for _, _, s in members if means[s] is not None]
+        own = [means[s] for _, _, s in members if means[s] is not None]
         if len(own) >= 2:
-            parts.append(mk.sample_variance_factor(np.stack(own)))
+            parts.append(mk.sample_variance_factor(np.stack(own), reduced=True))
     q = mk.concat_factors(*parts) if parts else None
     return mk.mahalanobis_distances(delta, factor.sigma, eps, q=q, lower=factor.lower).distances
+
+
+@with_x64
+def _cell_distance_task(terms: Any, factor: Any, groups: tuple, cols: np.ndarray | None, eps: float,
+                        targets: np.ndarray, means: list) -> np.ndarray:
+    """:func:`_distance_task` in the cells' basis (:mod:`._relabel_cells`): the mean
+    differences from the batch's targets of all cells."""
+    delta = rc.mean_difference(terms, factor, targets, cols)
+    return _distances(delta, factor, groups, [m if m is None or cols is None else m[:, cols] for m in means], eps)
 
 
 def _collect_task(observed: list, null: list) -> tuple[np.ndarray, np.ndarray]:
@@ -237,15 +258,20 @@ def _as_dask(y: Any, rows: int) -> Any:
     return y[:, None] if y.ndim == 1 else y
 
 
-def gene_batch_size(n_genes: int, n_landmarks: int, n_points: int, n_samples: int) -> int:
+def gene_batch_size(n_genes: int, n_landmarks: int, n_points: int, n_samples: int, n_cells: int | None = None) -> int:
     """Genes per batch: the ``gene_batch_size`` option, else as many as keep a distance
-    task's per-gene arrays (sums and means of every sample, the factor ``Q``) within
-    ``EXPRESSION_CHUNK_BYTES``, at most ``MAX_GENE_BATCH``."""
+    task's per-gene arrays (sums and means of every sample, the factor ``Q``; in the cells'
+    basis, ``n_cells`` given, the targets of all cells and their coefficients instead of the
+    sums) within ``EXPRESSION_CHUNK_BYTES`` or, if larger, the size of one ``p × p``
+    matrix (the task holds ``Σ`` and its factor anyway: wide batches keep its products
+    and solves at BLAS speed), at most ``MAX_GENE_BATCH``."""
     option = get_options()["gene_batch_size"]
     if option is not None:
         return int(min(option, n_genes))
-    per_gene = 8 * (n_samples * (n_landmarks + 3 * n_points) + 4 * n_points)
-    return int(max(1, min(n_genes, MAX_GENE_BATCH, EXPRESSION_CHUNK_BYTES // per_gene)))
+    inputs = n_samples * n_landmarks if n_cells is None else 2 * n_cells
+    per_gene = 8 * (inputs + 3 * n_samples * n_points + 4 * n_points)
+    budget = max(EXPRESSION_CHUNK_BYTES, 8 * n_points * n_points)
+    return int(max(1, min(n_genes, MAX_GENE_BATCH, budget // per_gene)))
 
 
 @with_x64
@@ -324,16 +350,24 @@ def replicate_null_distances(
         from ..execution.cluster import active_client
 
         client = active_client()
-    terms = point_terms(gp, points, eps)
     weights = balance_weights(units, (x1, x2), gp.inducing, int(balance), seed) if balance else None
-    m, p = len(gp.inducing), len(terms.prior)
-    batch = gene_batch or gene_batch_size(n_genes, m, p, len(units.condition))
+    points = np.asarray(points, dtype=np.float64)
+    m, p, n = len(gp.inducing), len(points), len(x1) + len(x2)
+    sizes = [len(rows) for rows in units.rows]
+    groups = [(sum(c for c, t in zip(sizes, in2) if not t), sum(c for c, t in zip(sizes, in2) if t))
+              for in2 in [units.condition == 2, *assignments]]
+    with_mean = [c for c in sizes if sample_variance and c >= 2]
+    in_cells = rc.cheaper(m, p, n, groups, with_mean, n_genes)
+    batch = gene_batch or gene_batch_size(n_genes, m, p, len(units.condition), n if in_cells else None)
     layout = _Layout(units, (x1, x2), (y1, y2), weights, assignments, null_genes, n_genes, batch, sample_variance, m)
+    terms = None if in_cells else point_terms(gp, points, eps)
 
     def build():
         tag = uuid.uuid4().hex[:10]
-        return layout.graph(share(gp, f"kompot-replicate-gp-{tag}", client),
-                            share(terms, f"kompot-replicate-points-{tag}", client), terms.eps, tag)
+        shared_gp = share(gp, f"kompot-replicate-gp-{tag}", client)
+        if in_cells:
+            return layout.cell_graph(shared_gp, share(points, f"kompot-replicate-points-{tag}", client), float(eps), tag)
+        return layout.graph(shared_gp, share(terms, f"kompot-replicate-points-{tag}", client), terms.eps, tag)
 
     observed, null = run_graph(build, client)
     return ReplicateNull(observed, null, null_genes, assignments, units)
@@ -414,6 +448,51 @@ class _Layout:
                     continue
                 parts.append(task(_distance_task, factor, groups, cols, eps, sums[j], means[j],
                                       key=f"kompot-replicate-distances-{r}-{j}-{tag}"))
+            if r == 0:
+                observed = parts
+            else:
+                null.append(parts)
+        return task(_collect_task, observed, null, key=f"kompot-replicate-collect-{tag}")
+
+    def cell_graph(self, gp, points, eps: float, tag: str):
+        """:meth:`graph` in the cells' basis (:mod:`._relabel_cells`): one ``cells`` task
+        makes ``H`` and ``F`` of all cells, one ``targets`` task per gene batch reads every
+        cell's expression for it, and the factors, sample means and distances use them."""
+        units = self.units
+        start = (0, len(self.xs[0]))
+        cells = [np.asarray(rows) + start[c - 1] for c, rows in zip(units.condition, units.rows)]
+        weights = None
+        if self.unit_weights is not None:
+            weights = np.empty(start[1] + len(self.xs[1]))
+            for rows, w in zip(cells, self.unit_weights):
+                weights[rows] = w
+        terms = task(rc.cell_terms_task, gp, points, np.concatenate(self.xs), weights,
+                     key=f"kompot-replicate-cells-{tag}")
+        root_w = None if weights is None else np.sqrt(weights)
+        targets = [task(rc.targets_task, gp, root_w, self.ys[0][:, genes], self.ys[1][:, genes],
+                        key=f"kompot-replicate-targets-{j}-{tag}") for j, genes in enumerate(self.batches)]
+        means = [[None] * len(units.rows) for _ in self.batches]
+        for s in range(len(units.rows)):
+            if not self.with_mean[s]:
+                continue
+            op = task(rc.sample_factor_task, gp, terms, cells[s], key=f"kompot-replicate-sample-factor-{s}-{tag}")
+            for j in range(len(self.batches)):
+                means[j][s] = task(rc.sample_mean_task, op, cells[s], targets[j],
+                                   key=f"kompot-replicate-sample-mean-{s}-{j}-{tag}")
+        identity = np.asarray(units.condition == 2)
+        observed, null = None, []
+        for r, in2 in enumerate([identity, *self.assignments]):
+            groups = self._groups(in2)
+            has_q = any(sum(self.with_mean[s] for *_, s in members) >= 2 for members in groups)
+            pseudo = tuple(np.concatenate([cells[s] for *_, s in members]) for members in groups)
+            factor = task(rc.factor_task, gp, terms, pseudo, has_q, eps, key=f"kompot-replicate-factor-{r}-{tag}")
+            parts = []
+            for j in range(len(self.batches)):
+                cols = None if r == 0 else self.null_cols[j]
+                if cols is not None and len(cols) == 0:
+                    continue
+                parts.append(task(_cell_distance_task, terms, factor, groups, cols, eps, targets[j], means[j],
+                                  key=f"kompot-replicate-distances-{r}-{j}-{tag}"))
             if r == 0:
                 observed = parts
             else:

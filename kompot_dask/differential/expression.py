@@ -625,7 +625,8 @@ class DifferentialExpression:
 
         Each relabelling reuses per-sample sums of the landmark fit (one pass over the
         cells for all relabellings) and costs landmark-sized algebra plus one Mahalanobis
-        pass over the genes (see :mod:`kompot_dask.differential._relabel`). The sums and
+        pass over the genes; with more landmarks than cells the fits run in the cells'
+        basis instead, whichever is cheaper (see :mod:`kompot_dask.differential._relabel`). The sums and
         the distances are dask tasks over (cell chunk × gene batch) blocks of the training
         expression: on the cluster when it is read lazily (dask, zarr, as ``fit_from`` and
         ``de()`` read it) and a client is active, else in this process.

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.stats
-from jax.scipy.linalg import cho_solve, solve_triangular
+from jax.scipy.linalg import solve_triangular
 
 from .._jax import with_x64
 from . import posterior
@@ -93,19 +93,23 @@ def _factor_trick(lower, delta, v):
     return jnp.sqrt(jnp.sum(z * z / m, axis=0))
 
 
-@jax.jit
-def _woodbury(lower, delta, q):
+def _woodbury(lower: np.ndarray, delta: np.ndarray, q: np.ndarray) -> np.ndarray:
     p, s, g = q.shape
-    # One triangular solve for [Δ, Q] of all genes in the batch: (p, G + S*G) right-hand sides.
-    sol = solve_triangular(lower, jnp.concatenate([delta, q.reshape(p, s * g)], axis=1), lower=True)
-    z, y_mat = sol[:, :g], sol[:, g:].reshape(p, s, g)
-    y = jnp.einsum("psg,pg->gs", y_mat, z)
-    gram = jnp.einsum("psg,ptg->gst", y_mat, y_mat) + jnp.eye(s, dtype=q.dtype)
-    u = jax.vmap(lambda a, b: cho_solve((jnp.linalg.cholesky(a), True), b))(gram, y)
+    # One BLAS triangular solve for [Δ, Q] of all genes in the batch: (p, G + S*G) right-hand
+    # sides, Q's laid out gene by gene (Fortran order), so Y = L⁻¹ Q is a view of the result.
+    rhs = np.empty((p, g * (s + 1)), order="F")
+    rhs[:, :g] = delta
+    rhs[:, g:].reshape((p, s, g), order="F")[...] = q
+    sol = posterior.solve_lower(lower, rhs, overwrite=True)
+    z, y_mat = sol[:, :g], sol[:, g:].reshape((p, s, g), order="F")
+    y = np.einsum("psg,pg->gs", y_mat, z)
+    gram = np.einsum("psg,ptg->gst", y_mat, y_mat)
+    gram[:, np.arange(s), np.arange(s)] += 1.0
+    u = np.linalg.solve(gram, y[:, :, None])[:, :, 0]  # (I + YᵀY) ⪰ I: well conditioned
     # r = (I + Y Yᵀ)⁻¹ z, and D² = zᵀ r = |r|² + |Yᵀ r|²: a sum of squares, no cancellation.
-    r = z - jnp.einsum("psg,gs->pg", y_mat, u)
-    yr = jnp.einsum("psg,pg->gs", y_mat, r)
-    return jnp.sqrt(jnp.sum(r * r, axis=0) + jnp.sum(yr * yr, axis=1))
+    r = z - np.einsum("psg,gs->pg", y_mat, u)
+    yr = np.einsum("psg,pg->gs", y_mat, r)
+    return np.sqrt(np.einsum("pg,pg->g", r, r) + np.einsum("gs,gs->g", yr, yr))
 
 
 def _as_f64(x, name: str, ndim: int) -> np.ndarray:
@@ -264,7 +268,7 @@ def mahalanobis_woodbury(lower, delta, q) -> np.ndarray:
         ``(G,)`` distances.
     """
     delta, lower, q, _ = _check(delta, lower, "lower", q=q)
-    return np.asarray(_woodbury(jnp.asarray(lower), jnp.asarray(delta), jnp.asarray(q)))
+    return _woodbury(lower, delta, q)
 
 
 def mahalanobis_dense_reference(sigma, delta, q, eps: float, empirical_var=None) -> np.ndarray:
@@ -305,24 +309,35 @@ def mahalanobis_dense_reference(sigma, delta, q, eps: float, empirical_var=None)
     return out
 
 
-def sample_variance_factor(per_sample_means) -> np.ndarray:
+def sample_variance_factor(per_sample_means, reduced: bool = False) -> np.ndarray:
     """Low-rank factor of one condition's replicate covariance (§4.3, Bessel ``S−1``).
 
     Parameters
     ----------
     per_sample_means : array_like, (S, p, G)
         Each replicate's predicted mean at the ``p`` evaluation points.
+    reduced : bool, default False
+        Return the factor of the same covariance with ``S − 1`` columns: the centred
+        predictions have rank ``S − 1``. With ``D`` the differences ``m_i − m_S`` (i < S),
+        ``Σ_s (m_s − m̄)(m_s − m̄)ᵀ = D (I − 11ᵀ/S) Dᵀ``, so ``Q = D R`` with
+        ``R Rᵀ = (I − 11ᵀ/S) / (S − 1)``. :func:`mahalanobis_woodbury` then solves one
+        column fewer per gene.
 
     Returns
     -------
-    numpy.ndarray, (p, S, G)
-        Centred predictions over ``sqrt(S−1)``, so that ``Q_g Q_gᵀ = C_g``.
+    numpy.ndarray, (p, S, G) or (p, S − 1, G)
+        ``Q`` with ``Q_g Q_gᵀ = C_g``: the centred predictions over ``sqrt(S−1)``, or the
+        reduced factor.
     """
     means = _as_f64(per_sample_means, "per_sample_means", 3)
     s = means.shape[0]
     if s < 2:
         msg = f"`per_sample_means` needs at least 2 samples on axis 0; got shape {means.shape}"
         raise ValueError(msg)
+    if reduced:
+        diffs = means[:-1] - means[-1]
+        root = np.linalg.cholesky((np.eye(s - 1) - 1.0 / s) / (s - 1))
+        return np.ascontiguousarray(np.einsum("ipg,ij->pjg", diffs, root))
     centred = (means - means.mean(axis=0, keepdims=True)) / math.sqrt(s - 1)
     return np.ascontiguousarray(np.moveaxis(centred, 0, 1))
 
