@@ -109,9 +109,11 @@ def test_means_at_the_landmarks_need_no_weights():
     out = model.predict(u, compute_mahalanobis=True)
     p1, p2 = model.function_predictor1, model.function_predictor2
     assert p1.state.weights is None and p2.state.weights is None
-    assert_close(out["condition1_imputed"], p1(u), **ALGEBRA, what="imputed 1")  # forms p1's weights
-    assert_close(out["condition2_imputed"], p2(u), **ALGEBRA, what="imputed 2")
+    assert_close(out["condition2_imputed"], p2(u), **ALGEBRA, what="imputed 2")  # the predictor at landmarks: E z
+    assert p2.state.weights is None
+    by_weights = p1.predict_with(u, p1.weights, p1.state.mu)  # K_UU w: forms p1's weights
     assert p1.state.weights is not None
+    assert_close(out["condition1_imputed"], by_weights, **ALGEBRA, what="imputed 1")
 
 
 def test_the_prior_factor_leaves_the_exact_landmark_kernel(function_landmarks):

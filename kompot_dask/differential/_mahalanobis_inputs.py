@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..estimators.function import point_rows
 from ..kernels import mahalanobis as mk
 from ._variance import variance_factor
 
@@ -23,20 +24,6 @@ def evaluation_points(
     return x, True
 
 
-def point_rows(x: np.ndarray, points: np.ndarray | None) -> np.ndarray | None:
-    """For every cell of ``x``, the row of ``points`` with the very same coordinates, or None
-    unless every cell has one (as when the landmarks are all the cells, Kompot's default
-    for at most 5,000 cells, or the distances are evaluated at the cells themselves)."""
-    if points is None or len(x) > len(points) or x.shape[1:] != points.shape[1:]:
-        return None
-    if x is points:
-        return np.arange(len(x))
-    index = {row.tobytes(): i for i, row in enumerate(np.ascontiguousarray(points, dtype=np.float64))}
-    rows = np.fromiter((index.get(row.tobytes(), -1) for row in np.ascontiguousarray(x, dtype=np.float64)),
-                       dtype=np.intp, count=len(x))
-    return None if (rows < 0).any() else rows
-
-
 def sample_factor(vp1: Any, vp2: Any, points: np.ndarray, n_genes: int, genes: slice | None = None) -> np.ndarray | None:
     """``Q`` (p, S1+S2, G) with ``Q_g Q_gᵀ = C1_g + C2_g`` at ``points``, or None.
 
@@ -51,7 +38,7 @@ def sample_factor(vp1: Any, vp2: Any, points: np.ndarray, n_genes: int, genes: s
 
 
 def _one_factor(predictor: Any, points: np.ndarray, n_genes: int, genes: slice | None) -> np.ndarray:
-    q = variance_factor(predictor, points, genes)
+    q = variance_factor(predictor, points, genes, reduced=True)  # one solve column fewer per sample set
     if q is None:
         cov = np.asarray(predictor(points, diag=False), dtype=np.float64)
         if cov.ndim != 3 or cov.shape[:2] != (len(points), len(points)):

@@ -38,7 +38,7 @@ from ..kernels import mahalanobis as mk
 from ..kernels import posterior as post
 from ..kernels.covariance import matern52
 
-__all__ = ["CellTerms", "CellFactor", "cheaper"]
+__all__ = ["CellTerms", "CellFactor", "cheaper", "distance_factor"]
 
 SHARED_BRANCHES = (mk.BRANCH_SHARED, mk.BRANCH_FACTOR_TRICK, mk.BRANCH_WOODBURY)
 
@@ -57,7 +57,7 @@ class CellFactor(NamedTuple):
 
     cells: tuple  # (cells of pseudo-condition 1, of 2): index arrays into the n cells
     lc: tuple  # their chol(σ² I + H[k, k])
-    sigma: np.ndarray  # Σ1 + Σ2 at the points (p × p)
+    sigma: np.ndarray | None  # Σ1 + Σ2 at the points (p × p), kept when there is no good shared factor
     lower: np.ndarray | None  # shared_cholesky(sigma, eps), for the shared branches
 
 
@@ -144,9 +144,19 @@ def factor_task(gp: Any, terms: CellTerms, groups: tuple, has_q: bool, eps: floa
         s = post.solve_lower(lc, terms.f[:, cells].T, overwrite=True)  # (c × p), Fortran: no copy
         sigma -= post.gram(s)
         lcs.append(lc)
+    return CellFactor(tuple(groups), tuple(lcs), *distance_factor(sigma, has_q, eps))
+
+
+def distance_factor(sigma: np.ndarray, has_q: bool, eps: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(Σ or None, L or None)`` for a relabelling's distances (SPEC §6.5 branches).
+
+    A shared branch gets ``L = shared_cholesky(Σ, eps)``; when it did not fail, ``Σ`` is
+    not kept (the distances need only ``L``: one ``p × p`` array less per relabelling
+    while its distance tasks wait). Otherwise ``Σ`` is kept for the branch that needs it.
+    """
     branch = mk.select_branch(len(sigma), mk.diag_ratio(sigma), has_q, False)
     lower = mk.shared_cholesky(sigma, eps) if branch in SHARED_BRANCHES else None
-    return CellFactor(tuple(groups), tuple(lcs), sigma, lower)
+    return (sigma if lower is None or mk.cholesky_failed(lower) else None), lower
 
 
 @with_x64

@@ -54,7 +54,6 @@ from ._relabel import ReplicateNull, balance_weights, on_shared_landmarks, relab
 __all__ = ["replicate_null_distances", "LandmarkGP", "landmark_gp"]
 
 FAN_IN = 8  # parts added by one task of a reduction tree
-SHARED_BRANCHES = (mk.BRANCH_SHARED, mk.BRANCH_FACTOR_TRICK, mk.BRANCH_WOODBURY)
 
 
 class LandmarkGP(NamedTuple):
@@ -81,7 +80,7 @@ class RelabelFactor(NamedTuple):
 
     op1: np.ndarray  # (M, p): posterior mean at the points − mu = op1ᵀ (A W (Y − mu))
     op2: np.ndarray
-    sigma: np.ndarray  # (p, p)
+    sigma: np.ndarray | None  # (p, p), kept when there is no good shared factor
     lower: np.ndarray | None  # shared_cholesky(sigma, eps), for the shared branches
 
 
@@ -179,10 +178,7 @@ def _factor_task(gp: LandmarkGP, terms: PointTerms, groups: tuple, has_q: bool, 
         op, cov = _mean_operator(gp, terms, sum(grams[i] for i in idx))
         ops.append(op)
         covs.append(cov)
-    sigma = covs[0] + covs[1]
-    branch = mk.select_branch(len(sigma), mk.diag_ratio(sigma), has_q, False)
-    lower = mk.shared_cholesky(sigma, terms.eps) if branch in SHARED_BRANCHES else None
-    return RelabelFactor(ops[0], ops[1], sigma, lower)
+    return RelabelFactor(ops[0], ops[1], *rc.distance_factor(covs[0] + covs[1], has_q, terms.eps))
 
 
 @with_x64
@@ -222,6 +218,9 @@ def _distances(delta: np.ndarray, factor: Any, groups: tuple, means: list, eps: 
         if len(own) >= 2:
             parts.append(mk.sample_variance_factor(np.stack(own), reduced=True))
     q = mk.concat_factors(*parts) if parts else None
+    if factor.sigma is None:  # a shared factor that did not fail: the factor task chose its branch
+        d = mk.mahalanobis_shared(factor.lower, delta) if q is None else mk.mahalanobis_woodbury(factor.lower, delta, q)
+        return np.where(np.isfinite(d), d, np.nan)
     return mk.mahalanobis_distances(delta, factor.sigma, eps, q=q, lower=factor.lower).distances
 
 

@@ -91,10 +91,11 @@ def variance_diag(predictor: Any, x: np.ndarray, genes: Any = None) -> np.ndarra
     return out[:, genes] if genes is not None and out.shape[1] > 1 else out
 
 
-def variance_factor(predictor: Any, x: np.ndarray, genes: Any = None) -> np.ndarray | None:
-    """The low-rank factor ``Q`` (p, S, G) when the predictor offers one, else None."""
+def variance_factor(predictor: Any, x: np.ndarray, genes: Any = None, reduced: bool = False) -> np.ndarray | None:
+    """The low-rank factor ``Q`` (p, S, G) when the predictor offers one, else None
+    (``reduced``: with ``S − 1`` columns, :meth:`SampleVarianceEstimator.factor`)."""
     estimator = getattr(predictor, "__self__", predictor)
     if isinstance(estimator, SampleVarianceEstimator):
-        return np.asarray(estimator.factor(x, genes))
+        return np.asarray(estimator.factor(x, genes, reduced=reduced))
     return None
 

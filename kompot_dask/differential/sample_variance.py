@@ -7,7 +7,6 @@ uses ``Q``; the dense (n, n, G) tensor of the reference is only built on request
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -17,6 +16,7 @@ from ..estimators import DensityEstimator, FunctionEstimator
 from ..io.results import DiskStorage
 from ..estimators._inputs import as_cell_states, as_expression, take_rows
 from ..execution.plan import row_slices
+from ..kernels.mahalanobis import sample_variance_factor
 from ._checks import check_sample_labels
 
 __all__ = ["SampleVarianceEstimator", "TooFewSamplesError"]
@@ -208,10 +208,12 @@ class SampleVarianceEstimator:
             preds.append(p)
         return np.stack(preds)
 
-    def factor(self, X_new: Any, genes: Any = None) -> Any:
+    def factor(self, X_new: Any, genes: Any = None, reduced: bool = False) -> Any:
         """The exact low-rank factor ``Q`` (n, S, G) with ``C_g = Q_g Q_gᵀ``.
 
-        ``Q`` holds the centred sample predictions over ``sqrt(S - 1)``. With disk
+        ``Q`` holds the centred sample predictions over ``sqrt(S - 1)``; ``reduced=True``
+        gives the factor of the same covariance with ``S − 1`` columns
+        (:func:`~kompot_dask.kernels.mahalanobis.sample_variance_factor`). With disk
         storage it is written to a zarr array cell chunk by cell chunk and returned as
         that (lazily readable) array.
         """
@@ -219,12 +221,12 @@ class SampleVarianceEstimator:
         x = np.asarray(X_new, dtype=np.float64)
         slices = self._cell_slices(len(x), genes)
         if self.disk_storage is None:
-            return np.concatenate([self._factor_block(x[sl], genes) for sl in slices])
-        first = self._factor_block(x[slices[0]], genes)
+            return np.concatenate([self._factor_block(x[sl], genes, reduced) for sl in slices])
+        first = self._factor_block(x[slices[0]], genes, reduced)
         out = self.disk_storage.create("sample_variance_factor", (len(x),) + first.shape[1:], first.shape)
         out[slices[0]] = first
         for sl in slices[1:]:
-            out[sl] = self._factor_block(x[sl], genes)
+            out[sl] = self._factor_block(x[sl], genes, reduced)
         return self.disk_storage.finish(out)
 
     def __call__(self, X_new: Any, diag: bool = False, progress: bool = True) -> Any:
@@ -244,10 +246,8 @@ class SampleVarianceEstimator:
         n_genes = self.n_outputs if genes is None else len(np.arange(self.n_outputs)[genes])
         return row_slices(n, 2 * self.n_groups * n_genes)
 
-    def _factor_block(self, x: np.ndarray, genes: Any) -> np.ndarray:
-        preds = self.group_predictions(x, genes)
-        centred = (preds - preds.mean(axis=0)) / math.sqrt(self.n_groups - 1)
-        return np.ascontiguousarray(np.moveaxis(centred, 0, 1))
+    def _factor_block(self, x: np.ndarray, genes: Any, reduced: bool = False) -> np.ndarray:
+        return sample_variance_factor(self.group_predictions(x, genes), reduced=reduced)
 
     def predict(self, X_new: Any, diag: bool = False, progress: bool = True) -> Any:
         """Bessel-corrected variance over samples (``diag=True``) or covariance.

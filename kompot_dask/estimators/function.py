@@ -94,6 +94,11 @@ class FunctionPredictor(ChunkedPredictor):
 
     @with_x64
     def __call__(self, x: Any, genes: Any = None) -> np.ndarray:
+        if self.state.cell_basis is not None:  # cells that are landmarks: E z, no weights (inducing_mean)
+            x = self._query(x)
+            rows = point_rows(x, self.state.inducing)
+            if rows is not None:
+                return self._shaped(self.inducing_mean(rows, genes))
         w = self.weights if genes is None else self.weights[:, genes]
         return self.predict_with(x, w, self.state.mu)
 
@@ -359,6 +364,20 @@ def _kernel_block(a: np.ndarray, b: np.ndarray, ls: float) -> np.ndarray:
 def same_points(x: np.ndarray, inducing: np.ndarray) -> bool:
     """Whether the cells ``x`` are the points ``inducing`` themselves, in the same order."""
     return x.shape == inducing.shape and np.array_equal(x, inducing)
+
+
+def point_rows(x: np.ndarray, points: np.ndarray | None) -> np.ndarray | None:
+    """For every cell of ``x``, the row of ``points`` with the very same coordinates, or None
+    unless every cell has one (as when the landmarks are all the cells, Kompot's default
+    for at most 5,000 cells, or the distances are evaluated at the cells themselves)."""
+    if points is None or len(x) > len(points) or x.shape[1:] != points.shape[1:]:
+        return None
+    if x is points:
+        return np.arange(len(x))
+    index = {row.tobytes(): i for i, row in enumerate(np.ascontiguousarray(points, dtype=np.float64))}
+    rows = np.fromiter((index.get(row.tobytes(), -1) for row in np.ascontiguousarray(x, dtype=np.float64)),
+                       dtype=np.intp, count=len(x))
+    return None if (rows < 0).any() else rows
 
 
 def _shifted_kernel(x: np.ndarray, ls: float, shift: float) -> np.ndarray:
