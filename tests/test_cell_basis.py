@@ -8,6 +8,7 @@ import pytest
 from conftest import assert_close, load_case
 
 import kompot_dask as kd
+from kompot_dask._jax import with_x64
 from kompot_dask.estimators import function
 from kompot_dask.kernels import cell_basis
 
@@ -52,6 +53,37 @@ def test_cell_basis_gives_the_landmark_form(function_landmarks, landmark_form, c
                  what="covariance at the landmarks")
     assert_close(cell.covariance(xq[:50], diag=False), land.covariance(xq[:50], diag=False), atol=1e-12, rtol=1e-8,
                  what="covariance at queries")
+
+
+def test_cells_that_are_landmarks_fit_without_solving_against_lp(function_landmarks, monkeypatch):
+    """Cells among the landmarks (the "all cells" case above) take ``fit_at_landmarks``
+    (counted): its factors are those of the general cell-basis fit, with ``E`` and ``AᵀA``
+    from ``j² P⁻¹`` instead of two solves against ``Lp``."""
+    from kompot_dask.estimators import _shared_factors as shared
+    from kompot_dask.kernels import covariance as cov
+    from kompot_dask.kernels import posterior as post
+
+    case = function_landmarks
+    u, ls, jitter = case["in_X"], float(case["out_ls"]), 1e-6
+    rows = np.arange(100, 600)
+    x, y = u[rows], case["in_Y"][100:600]
+    calls = []
+    real = cell_basis.fit_at_landmarks
+    monkeypatch.setattr(cell_basis, "fit_at_landmarks", lambda *a: calls.append(1) or real(*a))
+    p = _fit(x, y, u, ls)
+    assert len(calls) == 1
+    lp = shared.prior_factor(u, ls, jitter)
+    r = np.asfortranarray(y - p.state.mu)
+    kernel = with_x64(lambda a, b: np.asarray(cov.matern52(a, b, ls), dtype=np.float64))
+    general = cell_basis.fit(lp, np.asfortranarray(kernel(u, x)), r.copy(order="F"), 1.0, jitter, x)
+    k_uu = kernel(u, u)
+    j2 = post.lower_gram(jitter * post.triangular_inverse(lp))
+    direct = real(k_uu, j2, rows, r.copy(order="F"), 1.0, jitter, x)
+    assert_close(direct.e, general.e, atol=1e-12, rtol=0, what="E = K_UX - jG")
+    assert_close(direct.lc, general.lc, atol=1e-10, rtol=0, what="chol(σ² I + AᵀA)")
+    assert_close(direct.z, general.z, **ALGEBRA, what="z")
+    assert_close(direct.g, general.g, atol=1e-6 * np.abs(general.g).max(), what="G = P⁻¹ K_UX")
+    assert_close(p.state.cell_basis.z, direct.z, atol=0, rtol=1e-12, what="the estimator's fit")
 
 
 def test_the_landmark_form_runs_where_it_is_cheaper(function_landmarks):

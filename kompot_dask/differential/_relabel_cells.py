@@ -32,7 +32,8 @@ import numpy as np
 
 from .._jax import with_x64
 from ..estimators._inputs import read_rows
-from ..estimators.function import same_points
+from ..estimators import _shared_factors as shared
+from ..estimators.function import point_rows, same_points
 from ..execution.plan import cell_chunk_rows
 from ..kernels import mahalanobis as mk
 from ..kernels import posterior as post
@@ -98,10 +99,25 @@ def cell_terms_task(gp: Any, points: np.ndarray, x: np.ndarray, weights: np.ndar
     """:class:`CellTerms` of the cells ``x`` (n × D) with balancing ``weights`` (n,) or None.
 
     ``Ã`` is made for at most :func:`~kompot_dask.execution.plan.cell_chunk_rows` cells at a
-    time, written into one M × n array; ``H`` is its Gram (BLAS ``syrk``).
+    time, written into one M × n array; ``H`` is its Gram (BLAS ``syrk``). When the cells
+    are landmarks and the points are the landmarks (Kompot's DE default up to 5,000 cells),
+    ``H`` and ``F`` come from ``K_UU`` and ``j² P⁻¹`` instead
+    (:func:`~kompot_dask.kernels.cell_basis.fit_at_landmarks`), with no solve against ``Lp``.
     """
     m, n = len(gp.inducing), len(x)
     at_landmarks = same_points(points, gp.inducing)
+    rows = point_rows(x, gp.inducing) if at_landmarks else None
+    if rows is not None:
+        k_uu = np.asarray(matern52(gp.inducing, gp.inducing, gp.ls), dtype=np.float64)
+        f = (k_uu[rows] + shared.scaled_inverse(gp.lp, gp.jitter)[rows]).T  # (K_UU − jI + j²P⁻¹)[:, rows]
+        f[rows, np.arange(n)] -= gp.jitter
+        h = f[rows].T.copy(order="C")  # AᵀA = (K_UU − jI + j²P⁻¹)[rows, rows]
+        root_w = None if weights is None else np.sqrt(np.asarray(weights, dtype=np.float64))
+        if root_w is not None:
+            f *= root_w
+            h *= root_w
+            h *= root_w[:, None]
+        return CellTerms(h, f, k_uu, root_w)
     a = np.empty((m, n), order="F")
     f = np.empty((len(points), n), order="F")
     a_p = None if at_landmarks else post.solve_lower(gp.lp, np.asfortranarray(matern52(gp.inducing, points, gp.ls)),

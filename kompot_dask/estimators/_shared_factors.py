@@ -14,6 +14,8 @@ the landmarks. Computing them once instead of once per model is exact (the same 
 * :func:`inducing_terms`: :func:`~kompot_dask.kernels.posterior.inducing_shared` of the last
   ``Lp`` asked for (one entry per process, dropped with its ``Lp``).
 * :func:`inducing_kernel`: ``K_UU`` of the last ``Lp`` asked for (likewise).
+* :func:`scaled_inverse`: ``j² P⁻¹`` of the last ``Lp`` asked for (likewise), for fits whose
+  cells are landmarks (:func:`~kompot_dask.kernels.cell_basis.fit_at_landmarks`).
 
 Entries refer to their ``Lp`` weakly: nothing here keeps a model's arrays alive, except the
 last :func:`inducing_terms` result (two M×M arrays) and :func:`inducing_kernel` result (one)
@@ -32,7 +34,7 @@ import numpy as np
 from ..kernels import covariance as cov
 from ..kernels import posterior as post
 
-__all__ = ["prior_factor", "cell_projection", "inducing_terms", "inducing_kernel", "digest"]
+__all__ = ["prior_factor", "cell_projection", "inducing_terms", "inducing_kernel", "scaled_inverse", "digest"]
 
 _LOCK = threading.Lock()
 _PRIORS: dict[tuple, weakref.ref] = {}
@@ -133,6 +135,25 @@ def inducing_kernel(inducing: np.ndarray, lp: np.ndarray, ls: float) -> np.ndarr
         if last is not None and last[0] == key and last[1]() is lp:
             return last[2]
     return _keep_kernel(lp, ls, np.array(cov.matern52(inducing, inducing, ls)))
+
+
+def scaled_inverse(lp: np.ndarray, jitter: float) -> np.ndarray:
+    """``j² P⁻¹ = (j Lp⁻¹)ᵀ (j Lp⁻¹)`` of ``Lp = chol(P)``, ``P = K_UU + jI`` (symmetric, entries of
+    the order of ``j``), computed once per ``Lp``: LAPACK ``trtri`` and ``lauum``, ``2 M³/3``
+    operations, for every fit on these landmarks whose cells are landmarks."""
+    key = ("inverse", id(lp), float(jitter))
+    with _LOCK:
+        last = _INDUCING.get("inverse")
+        if last is not None and last[0] == key and last[1]() is lp:
+            return last[2]
+    d = post.triangular_inverse(lp)
+    d *= jitter
+    out = post.lower_gram(d)
+    out.setflags(write=False)
+    with _LOCK:
+        _INDUCING["inverse"] = (key, weakref.ref(lp), out)
+    weakref.finalize(lp, _forget_inducing, key, "inverse")
+    return out
 
 
 def _keep_kernel(lp: np.ndarray, ls: float, k: np.ndarray) -> np.ndarray:

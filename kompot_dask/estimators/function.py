@@ -306,7 +306,12 @@ class FunctionEstimator:
         if in_cells:
             r = np.array(read_rows(y, slice(0, len(x))), dtype=np.float64, order="F")
             r -= mu
-            basis = cb.fit(lp, _kernel_block(u, x, ls), r, self._noise, self.jitter, x)
+            rows = point_rows(x, u)
+            if rows is not None:  # cells that are landmarks (Kompot's default up to 5,000 cells)
+                basis = cb.fit_at_landmarks(shared.inducing_kernel(u, lp, ls), shared.scaled_inverse(lp, self.jitter),
+                                            rows, r, self._noise, self.jitter, x)
+            else:
+                basis = cb.fit(lp, _kernel_block(u, x, ls), r, self._noise, self.jitter, x)
             return FunctionState(u, None, lp, None, mu, ls, len(x), one_d, jitter=float(self.jitter),
                                  cell_basis=basis)
         lazy = reads_lazily(y)
