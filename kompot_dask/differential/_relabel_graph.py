@@ -433,20 +433,30 @@ class _Layout:
             for j in range(len(self.batches)):
                 means[j][s] = task(_sample_mean_task, op, sums[j][c], i,
                                        key=f"kompot-replicate-sample-mean-{s}-{j}-{tag}")
-        identity = np.asarray(units.condition == 2)
+
+        def factor(groups, has_q, key):
+            return task(_factor_task, gp, terms, tuple(tuple(s for *_, s in g) for g in groups), has_q, *grams, key=key)
+
+        def distances(factor, groups, cols, j, key):
+            return task(_distance_task, factor, groups, cols, eps, sums[j], means[j], key=key)
+
+        return self._labellings(factor, distances, tag)
+
+    def _labellings(self, factor, distances, tag: str):
+        """The real labelling's and every relabelling's ``factor`` task and ``distances``
+        tasks per gene batch (the null genes' columns only for a relabelling), collected."""
+        identity = np.asarray(self.units.condition == 2)
         observed, null = None, []
         for r, in2 in enumerate([identity, *self.assignments]):
             groups = self._groups(in2)
             has_q = any(sum(self.with_mean[s] for *_, s in members) >= 2 for members in groups)
-            factor = task(_factor_task, gp, terms, tuple(tuple(s for *_, s in g) for g in groups), has_q, *grams,
-                              key=f"kompot-replicate-factor-{r}-{tag}")
+            made = factor(groups, has_q, f"kompot-replicate-factor-{r}-{tag}")
             parts = []
             for j in range(len(self.batches)):
                 cols = None if r == 0 else self.null_cols[j]
                 if cols is not None and len(cols) == 0:
                     continue
-                parts.append(task(_distance_task, factor, groups, cols, eps, sums[j], means[j],
-                                      key=f"kompot-replicate-distances-{r}-{j}-{tag}"))
+                parts.append(distances(made, groups, cols, j, f"kompot-replicate-distances-{r}-{j}-{tag}"))
             if r == 0:
                 observed = parts
             else:
@@ -478,22 +488,12 @@ class _Layout:
             for j in range(len(self.batches)):
                 means[j][s] = task(rc.sample_mean_task, op, cells[s], targets[j],
                                    key=f"kompot-replicate-sample-mean-{s}-{j}-{tag}")
-        identity = np.asarray(units.condition == 2)
-        observed, null = None, []
-        for r, in2 in enumerate([identity, *self.assignments]):
-            groups = self._groups(in2)
-            has_q = any(sum(self.with_mean[s] for *_, s in members) >= 2 for members in groups)
+
+        def factor(groups, has_q, key):
             pseudo = tuple(np.concatenate([cells[s] for *_, s in members]) for members in groups)
-            factor = task(rc.factor_task, gp, terms, pseudo, has_q, eps, key=f"kompot-replicate-factor-{r}-{tag}")
-            parts = []
-            for j in range(len(self.batches)):
-                cols = None if r == 0 else self.null_cols[j]
-                if cols is not None and len(cols) == 0:
-                    continue
-                parts.append(task(_cell_distance_task, terms, factor, groups, cols, eps, targets[j], means[j],
-                                  key=f"kompot-replicate-distances-{r}-{j}-{tag}"))
-            if r == 0:
-                observed = parts
-            else:
-                null.append(parts)
-        return task(_collect_task, observed, null, key=f"kompot-replicate-collect-{tag}")
+            return task(rc.factor_task, gp, terms, pseudo, has_q, eps, key=key)
+
+        def distances(factor, groups, cols, j, key):
+            return task(_cell_distance_task, terms, factor, groups, cols, eps, targets[j], means[j], key=key)
+
+        return self._labellings(factor, distances, tag)
