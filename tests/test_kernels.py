@@ -159,7 +159,8 @@ def test_kmeans_plusplus_is_greedy_kmeans_plusplus():
 @pytest.mark.parametrize("m", [1, 7, 300])
 def test_lapack_factor_helpers_against_their_definitions(m):
     """cholesky_lower reads the lower triangle only (like numpy) and gives a C-ordered L with
-    L Lᵀ = a; triangular_inverse and lower_gram equal a solve against I and Lᵀ L, for both
+    L Lᵀ = a; triangular_inverse, lower_gram and inverse_from_cholesky equal a solve against I,
+    Lᵀ L and (L Lᵀ)⁻¹, for both
     memory orders of L; a matrix that is not positive definite or not finite is refused."""
     import scipy.linalg
 
@@ -183,6 +184,9 @@ def test_lapack_factor_helpers_against_their_definitions(m):
         gram = post.lower_gram(factor)
         assert np.array_equal(gram, gram.T)
         np.testing.assert_allclose(gram, lower.T @ lower, rtol=1e-12, atol=1e-12)
+        inverse_k = post.inverse_from_cholesky(factor)
+        assert inverse_k.flags.c_contiguous and np.array_equal(inverse_k, inverse_k.T)
+        np.testing.assert_allclose(inverse_k, np.linalg.inv(k), rtol=1e-9, atol=1e-12 * np.abs(inverse_k).max())
     bad = k.copy()
     bad[0, 0] = -1.0
     for matrix in (bad, np.where(np.eye(m, dtype=bool), np.nan, k)):

@@ -138,17 +138,17 @@ def inducing_kernel(inducing: np.ndarray, lp: np.ndarray, ls: float) -> np.ndarr
 
 
 def scaled_inverse(lp: np.ndarray, jitter: float) -> np.ndarray:
-    """``j² P⁻¹ = (j Lp⁻¹)ᵀ (j Lp⁻¹)`` of ``Lp = chol(P)``, ``P = K_UU + jI`` (symmetric, entries of
-    the order of ``j``), computed once per ``Lp``: LAPACK ``trtri`` and ``lauum``, ``2 M³/3``
-    operations, for every fit on these landmarks whose cells are landmarks."""
+    """``j² P⁻¹`` of ``Lp = chol(P)``, ``P = K_UU + jI`` (symmetric, entries of the order of
+    ``j``), computed once per ``Lp``: LAPACK ``potri`` (``2 M³/3`` operations), for every fit
+    on these landmarks whose cells are landmarks. ``Lp`` is as :func:`prior_factor` makes
+    it (:func:`~kompot_dask.kernels.posterior.cholesky_lower`: zeros above the diagonal)."""
     key = ("inverse", id(lp), float(jitter))
     with _LOCK:
         last = _INDUCING.get("inverse")
         if last is not None and last[0] == key and last[1]() is lp:
             return last[2]
-    d = post.triangular_inverse(lp)
-    d *= jitter
-    out = post.lower_gram(d)
+    out = post.inverse_from_cholesky(lp)
+    out *= jitter * jitter
     out.setflags(write=False)
     with _LOCK:
         _INDUCING["inverse"] = (key, weakref.ref(lp), out)

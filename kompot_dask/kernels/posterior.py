@@ -34,6 +34,7 @@ __all__ = [
     "solve_lower_t",
     "gram",
     "triangular_inverse",
+    "inverse_from_cholesky",
     "lower_gram",
     "column_sq_norms",
     "noise_factor",
@@ -142,6 +143,19 @@ def triangular_inverse(lower: np.ndarray) -> np.ndarray:
         raise FactorError("a triangular factor is singular (a zero on its diagonal)")
     inv = inv.T if flipped else inv
     return np.tril(inv)
+
+
+def inverse_from_cholesky(lower: np.ndarray) -> np.ndarray:
+    """``(L Lᵀ)⁻¹`` (symmetric, C-ordered) of a C-ordered lower-triangular ``L`` with zeros
+    above its diagonal (as :func:`cholesky_lower` returns it): LAPACK ``potri`` on ``Lᵀ``
+    seen in Fortran order, which fills the lower triangle of the C-ordered result."""
+    inv, info = scipy.linalg.lapack.dpotri(np.asarray(lower, dtype=np.float64).T, lower=0)
+    if info != 0:
+        raise FactorError("a Cholesky factor is singular (a zero on its diagonal)")
+    low = inv.T  # C-ordered: the inverse below the diagonal, L's zeros above it
+    full = low + low.T
+    full[np.diag_indices_from(full)] = np.diagonal(low)
+    return full
 
 
 def lower_gram(lower: np.ndarray) -> np.ndarray:
