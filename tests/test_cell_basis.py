@@ -82,7 +82,9 @@ def test_cells_that_are_landmarks_fit_without_solving_against_lp(function_landma
     assert_close(direct.e, general.e, atol=1e-12, rtol=0, what="E = K_UX - jG")
     assert_close(direct.lc, general.lc, atol=1e-10, rtol=0, what="chol(σ² I + AᵀA)")
     assert_close(direct.z, general.z, **ALGEBRA, what="z")
-    assert_close(direct.g, general.g, atol=1e-6 * np.abs(general.g).max(), what="G = P⁻¹ K_UX")
+    assert direct.g is None  # formed on first use
+    g = cell_basis.with_g(direct, j2, jitter).g
+    assert_close(g, general.g, atol=1e-6 * np.abs(general.g).max(), what="G = P⁻¹ K_UX")
     assert_close(p.state.cell_basis.z, direct.z, atol=0, rtol=1e-12, what="the estimator's fit")
 
 

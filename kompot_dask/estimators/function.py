@@ -26,6 +26,7 @@ from ._neighbors import nn_distances
 __all__ = ["FunctionEstimator", "FunctionPredictor", "FunctionState"]
 
 _WEIGHTS_LOCK = threading.Lock()  # forms a cell-basis fit's weights once, whichever thread asks first
+_G_LOCK = threading.Lock()  # adds G to a fit made at its landmarks once, whichever thread asks first
 
 
 class FunctionState(NamedTuple):
@@ -89,8 +90,20 @@ class FunctionPredictor(ChunkedPredictor):
         if self.state.weights is None:
             with _WEIGHTS_LOCK:
                 if self.state.weights is None:
-                    self.state = self.state._replace(weights=cb.weights(self.state.cell_basis))
+                    self.state = self.state._replace(weights=cb.weights(self._full_basis()))
         return self.state.weights
+
+    def _full_basis(self) -> cb.CellBasis:
+        """The cell-basis fit with its ``G`` (formed on first use after ``fit_at_landmarks``)."""
+        basis = self.state.cell_basis
+        if basis.g is None:
+            with _G_LOCK:
+                st = self.state
+                if st.cell_basis.g is None:
+                    self.state = st._replace(cell_basis=cb.with_g(
+                        st.cell_basis, shared.scaled_inverse(st.lp, st.jitter), st.jitter))
+                basis = self.state.cell_basis
+        return basis
 
     @with_x64
     def __call__(self, x: Any, genes: Any = None) -> np.ndarray:
@@ -157,6 +170,8 @@ class FunctionPredictor(ChunkedPredictor):
 
     def _cell_basis_covariance(self, x: np.ndarray, diag: bool) -> np.ndarray:
         st, basis = self.state, self.state.cell_basis
+        if diag or not same_points(x, st.inducing):
+            basis = self._full_basis()
         if diag:
             return self._by_chunks(x, lambda xc: cb.variance(
                 np.asarray(cov.matern52_diag(xc, st.ls)), basis, _kernel_block(st.inducing, xc, st.ls)))

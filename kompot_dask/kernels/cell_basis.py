@@ -33,7 +33,7 @@ import numpy as np
 
 from . import posterior as post
 
-__all__ = ["CellBasis", "fit_flops", "fit", "fit_at_landmarks", "weights", "inducing_mean", "variance", "covariance",
+__all__ = ["CellBasis", "fit_flops", "fit", "fit_at_landmarks", "with_g", "weights", "inducing_mean", "variance", "covariance",
            "inducing_covariance"]
 
 
@@ -45,6 +45,7 @@ class CellBasis(NamedTuple):
     g: np.ndarray  # G = Lp⁻ᵀ A = P⁻¹ K_UX, (M × c), Fortran-ordered
     z: np.ndarray  # (σ² I + AᵀA)⁻¹ (Y − mu), (c × G): the weights are w = G z
     e: np.ndarray  # E = K_UX − j G = K_UU G, (M × c), Fortran-ordered: the landmarks' terms
+    rows: np.ndarray | None = None  # the cells' landmark rows (fit_at_landmarks): G is None until with_g
 
 
 def fit_flops(m: int, c: int, g: int) -> tuple[float, float]:
@@ -98,7 +99,9 @@ def fit_at_landmarks(k_uu: np.ndarray, scaled_inverse: np.ndarray, rows: np.ndar
 
     so the fit costs the ``c³/3`` Cholesky and ``2 c² G`` of solves for ``z`` only, where
     :func:`fit` also spends ``2 M² c + M c²`` on ``A``, ``AᵀA`` and ``G``. (``AᵀA`` has the
-    eigenvalues ``λ² / (λ + j)`` of ``K_UU``'s ``λ``: positive semi-definite.)
+    eigenvalues ``λ² / (λ + j)`` of ``K_UU``'s ``λ``: positive semi-definite.) ``G`` is needed
+    only off the landmarks (weights, variances there): it is left out, and :func:`with_g`
+    adds it.
     """
     rows = np.asarray(rows, dtype=np.intp)
     c = len(rows)
@@ -110,9 +113,17 @@ def fit_at_landmarks(k_uu: np.ndarray, scaled_inverse: np.ndarray, rows: np.ndar
     lc = post.cholesky_lower(s, "σ² I + Aᵀ A", overwrite=True)
     del s
     z = post.solve_lower_t(lc, post.solve_lower(lc, r, overwrite=True), overwrite=True)
+    return CellBasis(np.asarray(cells, dtype=np.float64), lc, None, z, e, rows)
+
+
+def with_g(basis: CellBasis, scaled_inverse: np.ndarray, jitter: float) -> CellBasis:
+    """``basis`` with ``G = (I − j P⁻¹)[:, rows]`` of a :func:`fit_at_landmarks` fit (as it is otherwise)."""
+    if basis.g is not None:
+        return basis
+    rows = basis.rows
     g = (scaled_inverse[rows] * (-1.0 / jitter)).T
-    g[rows, picked] += 1.0
-    return CellBasis(np.asarray(cells, dtype=np.float64), lc, g, z, e)
+    g[rows, np.arange(len(rows))] += 1.0
+    return basis._replace(g=g)
 
 
 def weights(basis: CellBasis) -> np.ndarray:
