@@ -108,7 +108,7 @@ def cell_terms_task(gp: Any, points: np.ndarray, x: np.ndarray, weights: np.ndar
     at_landmarks = same_points(points, gp.inducing)
     rows = point_rows(x, gp.inducing) if at_landmarks else None
     if rows is not None:
-        k_uu = np.asarray(matern52(gp.inducing, gp.inducing, gp.ls), dtype=np.float64)
+        k_uu = shared.inducing_kernel(gp.inducing, gp.lp, gp.ls)  # the model's, in its process
         f = (k_uu[rows] + shared.scaled_inverse(gp.lp, gp.jitter)[rows]).T  # (K_UU − jI + j²P⁻¹)[:, rows]
         f[rows, np.arange(n)] -= gp.jitter
         h = f[rows].T.copy(order="C")  # AᵀA = (K_UU − jI + j²P⁻¹)[rows, rows]
