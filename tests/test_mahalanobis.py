@@ -109,6 +109,22 @@ def test_woodbury_matches_dense_cholesky(m, s, scale, seed):
     assert np.max(np.abs(got / want - 1.0)) <= 1e-8
 
 
+def test_a_shared_factor_alone_gives_the_distances_of_sigma():
+    """``branch_and_factor`` once, then ``sigma=None``: the same distances and branch."""
+    rng = np.random.default_rng(3)
+    m, genes = 20, 5
+    sigma = np.cov(rng.normal(size=(m, 3 * m))) + 0.1 * np.eye(m)
+    q, delta = rng.normal(size=(m, 3, genes)), rng.normal(size=(m, genes))
+    for factor in (None, q):
+        branch, lower = mh.branch_and_factor(sigma, EPS, factor is not None, False)
+        full = mh.mahalanobis_distances(delta, sigma, EPS, q=factor)
+        alone = mh.mahalanobis_distances(delta, None, EPS, q=factor, lower=lower)
+        assert alone.branch == full.branch == branch
+        np.testing.assert_allclose(alone.distances, full.distances, rtol=1e-12)
+    with pytest.raises(ValueError, match="lower"):
+        mh.mahalanobis_distances(delta, None, EPS, lower=np.full((m, m), np.nan))
+
+
 def test_woodbury_gene_batches_are_independent():
     rng = np.random.default_rng(1)
     m, s, genes = 30, 4, 10

@@ -121,26 +121,32 @@ def test_each_block_task_gets_one_cell_chunk_and_one_gene_batch(model, monkeypat
     assert max(s[0] for s in seen) == CHUNK and sorted({s[1] for s in seen}) == [2, 7]
 
 
-def test_a_multiprocess_cluster_gives_the_in_process_numbers(model):
+def _here_and_on_a_cluster(model, gene_batch):
+    """The null in this process and on a 2-process LocalCluster (the active client: the
+    expression is lazy), compared to 1e-8; returns the cluster's table, task keys and workers."""
     distributed = pytest.importorskip("distributed")
-    here = model.compute_replicate_fdr(gene_batch=7)
+    here = model.compute_replicate_fdr(gene_batch=gene_batch)
     null_here = model.replicate_null_result
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GB",
                                   dashboard_address=":0") as lc, distributed.Client(lc) as client, \
             distributed.get_task_stream(client) as stream:
-        there = model.compute_replicate_fdr(gene_batch=7)  # the active client: expression is lazy
+        there = model.compute_replicate_fdr(gene_batch=gene_batch)
     null_there = model.replicate_null_result
     assert_close(null_there.observed, null_here.observed, rtol=1e-8, atol=0, what="observed")
     assert_close(null_there.null, null_here.null, rtol=1e-8, atol=0, what="null")
     assert_close(there["pvalue"].to_numpy(), here["pvalue"].to_numpy(), rtol=1e-8, atol=0, what="pvalue")
     np.testing.assert_array_equal(there["is_de"].to_numpy(), here["is_de"].to_numpy())
+    workers = {t["worker"] for t in stream.data if "kompot-replicate-" in str(t["key"])}
+    return there, [str(t["key"]) for t in stream.data], workers
+
+
+def test_a_multiprocess_cluster_gives_the_in_process_numbers(model):
+    there, keys, workers = _here_and_on_a_cluster(model, 7)
     np.testing.assert_array_equal(np.flatnonzero(there["is_de"].to_numpy()), BOOST)
-    keys = [str(t["key"]) for t in stream.data]
     n1, n2 = (len(model._replicate_data[i]) for i in (0, 3))
     blocks = (-(-n1 // CHUNK) + -(-n2 // CHUNK)) * 5
     assert sum(k.startswith("kompot-replicate-block-") for k in keys) == blocks
     assert sum("kompot-replicate-distances-" in k for k in keys) == 10 * 5  # real + 9 relabellings, 5 batches
-    workers = {t["worker"] for t in stream.data if "kompot-replicate-" in str(t["key"])}
     assert len(workers) == 2
 
 
@@ -202,20 +208,8 @@ def test_cell_basis_is_chosen_for_few_cells_only():
 
 
 def test_cell_basis_on_a_multiprocess_cluster_gives_the_in_process_numbers(cell_model):
-    distributed = pytest.importorskip("distributed")
-    here = cell_model.compute_replicate_fdr(gene_batch=5)
-    null_here = cell_model.replicate_null_result
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GB",
-                                  dashboard_address=":0") as lc, distributed.Client(lc) as client, \
-            distributed.get_task_stream(client) as stream:
-        there = cell_model.compute_replicate_fdr(gene_batch=5)
-    null_there = cell_model.replicate_null_result
-    assert_close(null_there.observed, null_here.observed, rtol=1e-8, atol=0, what="observed")
-    assert_close(null_there.null, null_here.null, rtol=1e-8, atol=0, what="null")
-    np.testing.assert_array_equal(there["is_de"].to_numpy(), here["is_de"].to_numpy())
-    keys = [str(t["key"]) for t in stream.data]
+    _, keys, workers = _here_and_on_a_cluster(cell_model, 5)
     assert sum(k.startswith("kompot-replicate-cells-") for k in keys) == 1
     assert sum(k.startswith("kompot-replicate-targets-") for k in keys) == 3  # 12 genes in batches of 5
     assert sum(k.startswith("kompot-replicate-block-") for k in keys) == 0
-    workers = {t["worker"] for t in stream.data if "kompot-replicate-" in str(t["key"])}
     assert len(workers) == 2

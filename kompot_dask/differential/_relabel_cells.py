@@ -35,13 +35,12 @@ from ..estimators._inputs import read_rows
 from ..estimators import _shared_factors as shared
 from ..estimators.function import point_rows, same_points
 from ..execution.plan import cell_chunk_rows
+from ..kernels import cell_basis as cb
 from ..kernels import mahalanobis as mk
 from ..kernels import posterior as post
 from ..kernels.covariance import matern52
 
 __all__ = ["CellTerms", "CellFactor", "cheaper", "distance_factor"]
-
-SHARED_BRANCHES = (mk.BRANCH_SHARED, mk.BRANCH_FACTOR_TRICK, mk.BRANCH_WOODBURY)
 
 
 class CellTerms(NamedTuple):
@@ -109,9 +108,7 @@ def cell_terms_task(gp: Any, points: np.ndarray, x: np.ndarray, weights: np.ndar
     rows = point_rows(x, gp.inducing) if at_landmarks else None
     if rows is not None:
         k_uu = shared.inducing_kernel(gp.inducing, gp.lp, gp.ls)  # the model's, in its process
-        f = (k_uu[rows] + shared.scaled_inverse(gp.lp, gp.jitter)[rows]).T  # (K_UU − jI + j²P⁻¹)[:, rows]
-        f[rows, np.arange(n)] -= gp.jitter
-        h = f[rows].T.copy(order="C")  # AᵀA = (K_UU − jI + j²P⁻¹)[rows, rows]
+        f, h = cb.landmark_terms(k_uu, shared.scaled_inverse(gp.lp, gp.jitter), rows, gp.jitter)  # E, AᵀA
         root_w = None if weights is None else np.sqrt(np.asarray(weights, dtype=np.float64))
         if root_w is not None:
             f *= root_w
@@ -170,8 +167,7 @@ def distance_factor(sigma: np.ndarray, has_q: bool, eps: float) -> tuple[np.ndar
     not kept (the distances need only ``L``: one ``p × p`` array less per relabelling
     while its distance tasks wait). Otherwise ``Σ`` is kept for the branch that needs it.
     """
-    branch = mk.select_branch(len(sigma), mk.diag_ratio(sigma), has_q, False)
-    lower = mk.shared_cholesky(sigma, eps) if branch in SHARED_BRANCHES else None
+    lower = mk.branch_and_factor(sigma, eps, has_q, False)[1]
     return (sigma if lower is None or mk.cholesky_failed(lower) else None), lower
 
 

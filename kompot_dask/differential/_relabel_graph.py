@@ -218,9 +218,6 @@ def _distances(delta: np.ndarray, factor: Any, groups: tuple, means: list, eps: 
         if len(own) >= 2:
             parts.append(mk.sample_variance_factor(np.stack(own), reduced=True))
     q = mk.concat_factors(*parts) if parts else None
-    if factor.sigma is None:  # a shared factor that did not fail: the factor task chose its branch
-        d = mk.mahalanobis_shared(factor.lower, delta) if q is None else mk.mahalanobis_woodbury(factor.lower, delta, q)
-        return np.where(np.isfinite(d), d, np.nan)
     return mk.mahalanobis_distances(delta, factor.sigma, eps, q=q, lower=factor.lower).distances
 
 
@@ -355,8 +352,8 @@ def replicate_null_distances(
     sizes = [len(rows) for rows in units.rows]
     groups = [(sum(c for c, t in zip(sizes, in2) if not t), sum(c for c, t in zip(sizes, in2) if t))
               for in2 in [units.condition == 2, *assignments]]
-    with_mean = [c for c in sizes if sample_variance and c >= 2]
-    in_cells = rc.cheaper(m, p, n, groups, with_mean, n_genes)
+    in_cells = rc.cheaper(m, p, n, groups, [c for c, on in zip(sizes, _own_means(units, sample_variance)) if on],
+                          n_genes)
     batch = gene_batch or gene_batch_size(n_genes, m, p, len(units.condition), n if in_cells else None)
     layout = _Layout(units, (x1, x2), (y1, y2), weights, assignments, null_genes, n_genes, batch, sample_variance, m)
     terms = None if in_cells else point_terms(gp, points, eps)
@@ -370,6 +367,11 @@ def replicate_null_distances(
 
     observed, null = run_graph(build, client)
     return ReplicateNull(observed, null, null_genes, assignments, units)
+
+
+def _own_means(units, sample_variance: bool) -> list:
+    """Which samples get a GP mean of their own (sample variance; a sample of one cell does not)."""
+    return [sample_variance and len(rows) >= 2 for rows in units.rows]
 
 
 class _Layout:
@@ -396,7 +398,7 @@ class _Layout:
             self.cell_units.append(cell_units)
             self.cell_weights.append(cell_weights)
             self.ys.append(_as_dask(ys[c - 1], cell_chunk_rows(m)))
-        self.with_mean = [sample_variance and len(rows) >= 2 for rows in units.rows]
+        self.with_mean = _own_means(units, sample_variance)
         self.m = m
 
     def _groups(self, in2: np.ndarray) -> tuple:

@@ -104,9 +104,7 @@ def sigma_stage(model: ExpressionModel, points: np.ndarray) -> SigmaParts:
         diagonals = (np.diagonal(sigma1).copy(), np.diagonal(sigma2).copy())
         sigma = np.add(sigma1, sigma2, out=sigma1)
         del sigma2
-        branch = mk.select_branch(len(points), mk.diag_ratio(sigma), has_sv, has_ev)
-        shared_branch = branch in (mk.BRANCH_SHARED, mk.BRANCH_FACTOR_TRICK, mk.BRANCH_WOODBURY)
-        lower = np.asarray(mk.shared_cholesky(sigma, model.eps)) if shared_branch else None
+        branch, lower = mk.branch_and_factor(sigma, model.eps, has_sv, has_ev)
     return SigmaParts(np.asarray(sigma), lower, branch, diagonals)
 
 
@@ -125,7 +123,9 @@ def mahalanobis_stage(model: ExpressionModel, points: np.ndarray, parts: SigmaPa
         v = None
         if m1.obs_variance_predictor is not None or m2.obs_variance_predictor is not None:
             v = np.broadcast_to(m1.obs_variance(points, genes) + m2.obs_variance(points, genes), delta.shape)
-        return mk.mahalanobis_distances(delta, parts.sigma, model.eps, q=q, empirical_var=v, lower=parts.lower)
+        good = parts.lower is not None and not mk.cholesky_failed(parts.lower)  # Σ's branch is the factor's
+        return mk.mahalanobis_distances(delta, None if good else parts.sigma, model.eps, q=q, empirical_var=v,
+                                        lower=parts.lower)
 
 
 def gene_results(model: ExpressionModel, distances_all: np.ndarray, n_points: int) -> tuple[dict, Any]:

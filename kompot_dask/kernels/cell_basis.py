@@ -33,7 +33,7 @@ import numpy as np
 
 from . import posterior as post
 
-__all__ = ["CellBasis", "fit_flops", "fit", "fit_at_landmarks", "with_g", "weights", "inducing_mean", "variance", "covariance",
+__all__ = ["CellBasis", "fit_flops", "fit", "landmark_terms", "fit_at_landmarks", "with_g", "weights", "inducing_mean", "variance", "covariance",
            "inducing_covariance"]
 
 
@@ -86,6 +86,16 @@ def fit(lp: np.ndarray, k_ux: np.ndarray, r: np.ndarray, sigma2: float, jitter: 
     return CellBasis(np.asarray(cells, dtype=np.float64), lc, g, z, e)
 
 
+def landmark_terms(k_uu: np.ndarray, scaled_inverse: np.ndarray, rows: np.ndarray,
+                   jitter: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(E, AᵀA)`` of the cells ``U[rows]``: ``(K_UU − jI + J)[:, rows]`` (M × c, Fortran-ordered)
+    and ``(K_UU − jI + J)[rows, rows]`` (c × c, C-ordered), ``J = j² P⁻¹`` (:func:`fit_at_landmarks`)."""
+    rows = np.asarray(rows, dtype=np.intp)
+    e = (k_uu[rows] + scaled_inverse[rows]).T  # symmetric: the columns k, Fortran-ordered
+    e[rows, np.arange(len(rows))] -= jitter
+    return e, e[rows].T.copy(order="C")
+
+
 def fit_at_landmarks(k_uu: np.ndarray, scaled_inverse: np.ndarray, rows: np.ndarray, r: np.ndarray, sigma2: float,
                      jitter: float, cells: np.ndarray) -> CellBasis:
     """:func:`fit` for cells that are landmarks (``cells = U[rows]``), with no solve against ``Lp``.
@@ -104,11 +114,7 @@ def fit_at_landmarks(k_uu: np.ndarray, scaled_inverse: np.ndarray, rows: np.ndar
     adds it.
     """
     rows = np.asarray(rows, dtype=np.intp)
-    c = len(rows)
-    picked = np.arange(c)
-    e = (k_uu[rows] + scaled_inverse[rows]).T  # symmetric: the columns k, Fortran-ordered
-    e[rows, picked] -= jitter
-    s = e[rows].T.copy(order="C")
+    e, s = landmark_terms(k_uu, scaled_inverse, rows, jitter)
     s[np.diag_indices_from(s)] += sigma2
     lc = post.cholesky_lower(s, "σ² I + Aᵀ A", overwrite=True)
     del s

@@ -35,7 +35,7 @@ __all__ = [
     "MahalanobisResult", "diag_ratio", "shared_cholesky", "cholesky_failed",
     "mahalanobis_shared", "mahalanobis_diagonal", "mahalanobis_factor_trick",
     "mahalanobis_woodbury", "mahalanobis_dense_reference", "sample_variance_factor",
-    "concat_factors", "chi2_neg_log10_ptp", "select_branch", "mahalanobis_distances",
+    "concat_factors", "chi2_neg_log10_ptp", "select_branch", "branch_and_factor", "mahalanobis_distances",
 ]
 
 BRANCH_WOODBURY = "gene_specific_woodbury"  # sample variance: exact low-rank form
@@ -44,6 +44,7 @@ BRANCH_DIAGONAL = "diagonal"  # nearly diagonal Σ, p > 10 (eps is a floor)
 BRANCH_SHARED = "shared_cholesky"  # one Cholesky of Σ + eps I
 BRANCH_FACTOR_TRICK = "shared_factor_trick"  # shared Cholesky + empirical-variance approx.
 BRANCHES = (BRANCH_WOODBURY, BRANCH_DENSE, BRANCH_DIAGONAL, BRANCH_SHARED, BRANCH_FACTOR_TRICK)
+SHARED_BRANCHES = (BRANCH_SHARED, BRANCH_FACTOR_TRICK, BRANCH_WOODBURY)  # one Cholesky of Σ + eps I for all genes
 
 DIAGONAL_RATIO = 0.95
 DIAGONAL_MIN_POINTS = 10
@@ -368,6 +369,14 @@ def select_branch(p: int, ratio: float, sample_variance: bool, empirical_varianc
     return BRANCH_FACTOR_TRICK if empirical_variance else BRANCH_SHARED
 
 
+def branch_and_factor(sigma, eps: float, sample_variance: bool, empirical_variance: bool) -> tuple[str, np.ndarray | None]:
+    """The §6.5 branch of ``Σ`` and, for a shared branch, ``shared_cholesky(Σ, eps)`` (else None):
+    made once and handed to :func:`mahalanobis_distances` for every gene batch."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    branch = select_branch(len(sigma), diag_ratio(sigma), sample_variance, empirical_variance)
+    return branch, (shared_cholesky(sigma, eps) if branch in SHARED_BRANCHES else None)
+
+
 def mahalanobis_distances(delta, sigma, eps: float = 1e-8, q=None, empirical_var=None, lower=None):
     """Per-gene distances with the reference's branch choice (SPEC §6.5), all in memory.
 
@@ -381,8 +390,9 @@ def mahalanobis_distances(delta, sigma, eps: float = 1e-8, q=None, empirical_var
     ----------
     delta : array_like, (p, G)
         ``μ2 − μ1`` at the evaluation points.
-    sigma : array_like, (p, p)
-        ``Σ1 + Σ2``.
+    sigma : array_like, (p, p), or None
+        ``Σ1 + Σ2``. None with a ``lower`` that did not fail (:func:`branch_and_factor`):
+        the shared branches need only the factor.
     eps : float, default 1e-8
     q : array_like, (p, S, G), optional
         Sample-variance factor.
@@ -395,9 +405,18 @@ def mahalanobis_distances(delta, sigma, eps: float = 1e-8, q=None, empirical_var
     -------
     MahalanobisResult
     """
-    delta, sigma, q, v = _check(delta, sigma, "sigma", q=q, v=empirical_var)
-    branch = select_branch(sigma.shape[0], diag_ratio(sigma), q is not None, v is not None)
-    result = _dispatch(delta, sigma, eps, q, v, branch, lower)
+    if sigma is None:  # a shared factor given alone: its branch follows from q and v
+        if lower is None or cholesky_failed(lower):
+            raise ValueError("`sigma` may be left out only with a `lower` factor that did not fail")
+        delta, lower, q, v = _check(delta, lower, "lower", q=q, v=empirical_var)
+        branch = BRANCH_WOODBURY if q is not None else BRANCH_FACTOR_TRICK if v is not None else BRANCH_SHARED
+        if q is not None and v is not None:
+            raise ValueError("sample and empirical variance together need `sigma` (the per-gene dense branch)")
+        result = _dispatch(delta, None, eps, q, v, branch, lower)
+    else:
+        delta, sigma, q, v = _check(delta, sigma, "sigma", q=q, v=empirical_var)
+        branch = select_branch(sigma.shape[0], diag_ratio(sigma), q is not None, v is not None)
+        result = _dispatch(delta, sigma, eps, q, v, branch, lower)
     dist = np.where(np.isfinite(result.distances), result.distances, np.nan)
     bad = int(np.sum(np.isnan(dist)))
     if bad:
