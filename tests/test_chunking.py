@@ -160,3 +160,37 @@ def test_variances_at_the_landmarks_come_from_sigma(monkeypatch):
     for key in ("condition1_std", "condition2_std", "fold_change_zscores"):
         np.testing.assert_allclose(reused[key], computed[key][:300], rtol=1e-8, atol=1e-12, err_msg=key)
     np.testing.assert_allclose(reused["mahalanobis_distances"], computed["mahalanobis_distances"], rtol=1e-12)
+
+
+def test_distances_take_the_fold_changes_of_the_blocks(monkeypatch):
+    """When the query cells are the evaluation points, a gene batch's distances take
+    ``μ2 − μ1`` of its real genes from the expression blocks' fold changes and predict only
+    its null genes' (the columns asked for are counted at the pipeline's function); they
+    equal the distances of a run that predicts every column, and of a run on a subset of the
+    cells (points not all covered: nothing taken), since the points are the same."""
+    from kompot_dask.differential import pipeline
+    from kompot_dask.testing import simulate_atlas
+
+    atlas = simulate_atlas(n_cells=300, n_genes=12, n_samples=2, dims=3, seed=5)
+    first = atlas.condition == atlas.condition[0]
+    x1, x2 = atlas.x[first], atlas.x[~first]
+    y = np.asarray(atlas.y, dtype=np.float64)
+    model = kd.DifferentialExpression(n_landmarks=400, null_genes=9, random_state=0).fit(x1, y[first], x2, y[~first])
+    asked = []
+    inner = pipeline.mean_difference
+    monkeypatch.setattr(pipeline, "mean_difference",
+                        lambda m1, m2, pts, genes=None, *a: asked.append(range(21)[genes]) or inner(m1, m2, pts, genes, *a))
+    cells = atlas.x[np.random.default_rng(1).permutation(300)]
+    # gene batches of 5: [0, 5) and [5, 10) real; [10, 15) = 2 real + 3 null; then nulls only
+    taken = model.predict(cells, compute_mahalanobis=True, cell_chunk=64, gene_batch=5)
+    assert sorted(c for r in asked for c in r) == list(range(12, 21))
+    asked.clear()
+    monkeypatch.setattr(pipeline, "HELD_DIFFERENCES_BYTES", 0)  # too much to hold: every column predicted
+    predicted = model.predict(cells, compute_mahalanobis=True, cell_chunk=64, gene_batch=5)
+    assert sorted(c for r in asked for c in r) == list(range(21))
+    monkeypatch.undo()
+    subset = model.predict(cells[:200], compute_mahalanobis=True, cell_chunk=64, gene_batch=5)
+    for other in (predicted, subset):
+        for key in ("mahalanobis_distances", "neg_log10_ptp", "local_fdr"):
+            np.testing.assert_allclose(taken[key], other[key], rtol=1e-10, atol=1e-14, err_msg=key)
+    np.testing.assert_array_equal(taken["is_de"], predicted["is_de"])

@@ -156,7 +156,7 @@ def test_kmeans_plusplus_is_greedy_kmeans_plusplus():
     np.testing.assert_array_equal(got, np.array(centers))
 
 
-@pytest.mark.parametrize("m", [1, 7, 300])
+@pytest.mark.parametrize("m", [1, 7, 300, 1100])  # 1100: the symmetric results mirrored in several tiles
 def test_lapack_factor_helpers_against_their_definitions(m):
     """cholesky_lower reads the lower triangle only (like numpy) and gives a C-ordered L with
     L Lᵀ = a; triangular_inverse, lower_gram and inverse_from_cholesky equal a solve against I,

@@ -66,9 +66,14 @@ def draw_null_genes(
                       slice(None), "y_condition2")
     # One contiguous row per null gene, shuffled in place: the same draws as the reference's
     # ``permutation`` of each column (it copies, then shuffles), without strided columns.
-    rows = np.ascontiguousarray(np.vstack([cols1, cols2]).T)
+    # Reseeding one generator is ``RandomState(s)`` without building a new one per gene.
+    rows = np.empty((len(idx), n1 + cols2.shape[0]))
+    rows[:, :n1] = cols1.T
+    rows[:, n1:] = cols2.T
+    state = np.random.RandomState()
     for i, s in enumerate(seeds):
-        np.random.RandomState(int(s)).shuffle(rows[i])
+        state.seed(int(s))
+        state.shuffle(rows[i])
     permuted = rows.T
     names = [f"gene_{j}" for j in range(n_genes)] if gene_names is None else [str(g) for g in gene_names]
     return NullGenes(idx, seeds, [f"NULL_{i}_{names[j]}" for i, j in enumerate(idx)], permuted[:n1], permuted[n1:])

@@ -180,7 +180,9 @@ def _variance_from_sigma(parts: SigmaParts, point_rows: np.ndarray) -> tuple[np.
 
 
 def _expression_task(model: ExpressionModel, x_chunk, rows, genes, index, sink, per_gene, variances,
-                     landmark_rows=None):
+                     landmark_rows=None, keep_difference=False):
+    """Write one block; return its index, or with ``keep_difference`` its float64 fold
+    change (``μ2 − μ1`` at its cells, for a Mahalanobis task at the same points)."""
     with x64():
         block = expression_block(model.condition1, model.condition2, x_chunk, genes, model.eps, variances,
                                  landmark_rows)
@@ -193,7 +195,7 @@ def _expression_task(model: ExpressionModel, x_chunk, rows, genes, index, sink, 
     i = index[0]
     sink.write("_fold_change_sum", (slice(i, i + 1), genes), block["fold_change"].sum(axis=0)[None])
     sink.mark_done("cells", index)
-    return index
+    return np.asarray(block["fold_change"], dtype=np.float64) if keep_difference else index
 
 
 def _sigma_task(model: ExpressionModel, points, sink) -> SigmaParts:
@@ -203,11 +205,29 @@ def _sigma_task(model: ExpressionModel, points, sink) -> SigmaParts:
     return parts
 
 
-def _mahalanobis_task(model: ExpressionModel, points, parts: SigmaParts, genes, index, sink):
-    result = mahalanobis_stage(model, points, parts, genes)
+def _mahalanobis_task(model: ExpressionModel, points, parts: SigmaParts, genes, index, sink, known=None):
+    """Distances of one gene batch; ``known``: ``(point rows, fold changes)`` of the
+    expression blocks of its real genes, when the cells are the points (:func:`_difference`)."""
+    delta = None if known is None else _difference(model, points, genes, *known)
+    result = mahalanobis_stage(model, points, parts, genes, delta)
     sink.write("_mahalanobis_all", (genes,), result.distances)
     sink.mark_done("mahalanobis", index)
     return result.branch
+
+
+def _difference(model: ExpressionModel, points, genes: slice, rows: list, blocks: list) -> np.ndarray:
+    """``μ2 − μ1`` at ``points`` for ``genes``: the real genes' columns from the expression
+    blocks' fold changes (block ``b`` holds the points ``rows[b]``; together they hold every
+    point), the null genes' predicted here."""
+    delta = np.empty((len(points), genes.stop - genes.start))
+    real = min(genes.stop, model.n_genes) - genes.start
+    for point_rows, fold_change in zip(rows, blocks):
+        delta[point_rows, :real] = fold_change
+    if real < delta.shape[1]:
+        m1, m2 = model.condition1, model.condition2
+        with x64():
+            delta[:, real:] = mean_difference(m1, m2, points, slice(genes.start + real, genes.stop))
+    return delta
 
 
 def _finish_expression_task(model: ExpressionModel, sink, blocks, sigma, meta, n_cells, n_points, maha):
@@ -316,19 +336,51 @@ def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: li
                                         key=f"kompot-predict-variance-{i}-{tag}")
             else:
                 variances[i] = task(_variance_task, shared, x[cells[i]], key=f"kompot-predict-variance-{i}-{tag}")
-        blocks = [task(_expression_task, shared, x[cells[i]], cells[i], genes[j], (i, j), sink, per_gene,
-                       variances[i], None if landmark_rows is None else landmark_rows[cells[i]],
-                       key=f"kompot-predict-expression-{i}-{j}-{tag}") for i, j in pending_blocks]
+        reused = _reused_batches(landmark_rows, len(points), len(cells), len(genes), pending_blocks, pending,
+                                 n * g * 8) if maha else set()
+        blocks = {(i, j): task(_expression_task, shared, x[cells[i]], cells[i], genes[j], (i, j), sink, per_gene,
+                               variances[i], None if landmark_rows is None else landmark_rows[cells[i]],
+                               j in reused, key=f"kompot-predict-expression-{i}-{j}-{tag}")
+                  for i, j in pending_blocks}
         if maha:
-            maha_tasks = [task(_mahalanobis_task, shared, points, sigma, all_batches[j], (j,), sink,
-                                   key=f"kompot-mahalanobis-genes-{j}-{tag}") for (j,) in pending]
+            for (j,) in pending:
+                known = None
+                if j in reused:  # the real genes' μ2 − μ1 at the points: the blocks' fold changes
+                    known = ([landmark_rows[c] for c in cells], [blocks[i, j] for i in range(len(cells))])
+                maha_tasks.append(task(_mahalanobis_task, shared, points, sigma, all_batches[j], (j,), sink, known,
+                                       key=f"kompot-mahalanobis-genes-{j}-{tag}"))
         _describe(sink, len(cells) * len(genes), len(blocks))
         meta = {"blocks_total": len(cells) * len(genes), "blocks_computed_last_run": len(blocks) + len(maha_tasks)}
         n_points = 0 if points is None else len(points)
-        return task(_finish_expression_task, shared, sink, blocks + maha_tasks, sigma, meta, n, n_points, maha,
+        waits = [b for (i, j), b in blocks.items() if j not in reused]  # the others: through their distances
+        return task(_finish_expression_task, shared, sink, waits + maha_tasks, sigma, meta, n, n_points, maha,
                         key=f"kompot-finish-expression-{tag}")
 
     return build
+
+
+HELD_DIFFERENCES_BYTES = 2 << 30  # most fold changes kept for the distances (:func:`_reused_batches`)
+
+
+def _reused_batches(landmark_rows, n_points: int, n_chunks: int, n_batches: int, pending_blocks, pending,
+                    held_bytes: int) -> set:
+    """Gene batches whose distances take ``μ2 − μ1`` at the points from the expression blocks.
+
+    When the query cells are the evaluation points (every point the landmark row of some
+    cell), the blocks' fold changes of a gene batch are its difference at the points, and
+    the Mahalanobis task need not predict both means at every point again. A batch qualifies
+    when all its blocks and its distances are computed in this run (a resumed run's written
+    blocks may be float32), while the fold changes kept until their distances, ``held_bytes``
+    in all, stay within :data:`HELD_DIFFERENCES_BYTES`.
+    """
+    if landmark_rows is None or held_bytes > HELD_DIFFERENCES_BYTES:
+        return set()
+    covered = np.zeros(n_points, dtype=bool)
+    covered[landmark_rows] = True
+    if not covered.all():
+        return set()
+    blocks = set(pending_blocks)
+    return {j for (j,) in pending if j < n_batches and all((i, j) in blocks for i in range(n_chunks))}
 
 
 def _landmark_rows(model: ExpressionModel, points: np.ndarray | None, point_rows: np.ndarray | None):

@@ -152,25 +152,34 @@ def inverse_from_cholesky(lower: np.ndarray) -> np.ndarray:
     inv, info = scipy.linalg.lapack.dpotri(np.asarray(lower, dtype=np.float64).T, lower=0)
     if info != 0:
         raise FactorError("a Cholesky factor is singular (a zero on its diagonal)")
-    low = inv.T  # C-ordered: the inverse below the diagonal, L's zeros above it
-    full = low + low.T
-    full[np.diag_indices_from(full)] = np.diagonal(low)
-    return full
+    return mirror_lower(inv.T)  # C-ordered: the inverse below the diagonal, L's zeros above it
+
+
+def mirror_lower(a: np.ndarray, tile: int = 512) -> np.ndarray:
+    """Copy the lower triangle of the square ``a`` onto its upper triangle, in place, and
+    return ``a``: tile by tile, so both sides of each copy stay in cache (a whole
+    ``a + a.T`` walks one of them a row per element and needs a second array)."""
+    n = a.shape[0]
+    for i in range(0, n, tile):
+        for j in range(0, i, tile):
+            a[j:j + tile, i:i + tile] = a[i:i + tile, j:j + tile].T
+        block = a[i:i + tile, i:i + tile]
+        upper = np.triu_indices(block.shape[0], 1)
+        block[upper] = block.T[upper]
+    return a
 
 
 def lower_gram(lower: np.ndarray) -> np.ndarray:
     """``Lᵀ L`` (symmetric, C-ordered) of a lower-triangular ``L`` (LAPACK ``lauum``: a
     third of the work of a general ``aᵀa``)."""
-    arr, is_lower, flipped = _lapack_view(lower)
+    arr, is_lower, _ = _lapack_view(lower)
     # lower: lauum forms Lᵀ L in the lower triangle; flipped (arr = Lᵀ, upper): U Uᵀ = Lᵀ L
     # in the upper triangle.
     out, info = scipy.linalg.lapack.dlauum(arr, lower=int(is_lower))
     if info != 0:  # pragma: no cover - lauum reports only illegal arguments
         raise ValueError(f"LAPACK dlauum failed (info={info})")
-    half = np.tril(out) if is_lower else np.triu(out)
-    full = half + half.T
-    full[np.diag_indices_from(full)] = np.diagonal(half)
-    return np.ascontiguousarray(full)
+    # the product's lower triangle (upper: its transpose's), C-ordered
+    return mirror_lower(np.ascontiguousarray(out if is_lower else out.T))
 
 
 def column_sq_norms(a: np.ndarray) -> np.ndarray:
