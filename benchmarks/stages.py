@@ -20,7 +20,9 @@ impute     posterior mean of the real genes at every cell, ``batch_size`` cells 
 variance   posterior variance at every cell, ``batch_size`` cells at a time (both conditions);
            skipped when every cell is a landmark (the engine reads the diagonals of Σc)
 sigma      ``Σ1 + Σ2`` at the landmarks (full covariance)
-mahalanobis means at the landmarks (all genes), ``chol(Σ + eps I)`` and the distances
+mahalanobis means at the landmarks (all genes; when every cell is a landmark and the impute
+           stage ran, only the null genes', the real ones being its fold changes, as in the
+           engine), ``chol(Σ + eps I)`` and the distances
 da         ``DifferentialAbundance().fit`` + ``predict`` at every cell
 ========== ==================================================================
 
@@ -143,11 +145,14 @@ def stage_flops(stage: str, s: dict) -> float:
                 + sum(2 * m * m * d + 2 * m * c * d + c * c * m + m * m * c for c in cells))
     if stage == "mahalanobis":
         # Δ = μ2 − μ1 at the landmarks: K_UU (w2 − w1), or in the cells' basis (K_UX − jG) z
-        # per condition; then chol(Σ + eps I) and one solve per gene
+        # per condition; then chol(Σ + eps I) and one solve per gene. When the cells are the
+        # landmarks, the real genes' Δ is the imputation's fold change (the pipeline's
+        # _reused_batches): only the null genes' (``delta_genes``) is predicted here.
+        dg = s.get("delta_genes", ga)
         if len(cells) == 2:
-            delta = sum(2 * m * c * d + 2 * m * c * ga for c in cells)
+            delta = sum(2 * m * c * d + 2 * m * c * dg for c in cells)
         else:
-            delta = 2 * m * m * d + 2 * m * m * ga
+            delta = 2 * m * m * d + 2 * m * m * dg
         return delta + m**3 / 3 + m * m * ga
     if stage == "da":
         def density(c, nfev):
@@ -232,8 +237,9 @@ def run_stages(inp: Inputs, wanted: list[str], batch_size: int) -> tuple[dict, d
         m1, m2 = ConditionModel(p1), ConditionModel(p2)
         rows = point_rows(inp.x, inp.landmarks)  # the pipeline's test: every cell a landmark
         if "impute" in wanted:
-            timed("impute", lambda: [condition_means(m1, m2, inp.x[sl], genes, None if rows is None else rows[sl])
-                                     for sl in cells])
+            state["means"] = timed("impute", lambda: [condition_means(m1, m2, inp.x[sl], genes,
+                                                                      None if rows is None else rows[sl])
+                                                      for sl in cells])
         if "variance" in wanted and rows is not None:
             print("  variance     not a stage here: every cell is a landmark, the engine reads diag Σc")
         elif "variance" in wanted:
@@ -242,9 +248,18 @@ def run_stages(inp: Inputs, wanted: list[str], batch_size: int) -> tuple[dict, d
             state["sigma"] = timed("sigma", lambda: p1.covariance(inp.landmarks, diag=False)
                                    + p2.covariance(inp.landmarks, diag=False))
         if "mahalanobis" in wanted:
+            reuse = rows is not None and "means" in state  # as the pipeline: the fold changes at the cells
+            extra["delta_genes"] = inp.y1.shape[1] - (inp.genes if reuse else 0)
+
             def mahalanobis():
                 with x64():
-                    delta = mean_difference(m1, m2, inp.landmarks)
+                    if not reuse:
+                        delta = mean_difference(m1, m2, inp.landmarks)
+                    else:
+                        delta = np.empty((len(inp.landmarks), inp.y1.shape[1]))
+                        for sl, (mu1, mu2) in zip(cells, state["means"]):
+                            delta[rows[sl], :inp.genes] = mu2 - mu1
+                        delta[:, inp.genes:] = mean_difference(m1, m2, inp.landmarks, slice(inp.genes, None))
                     return mk.mahalanobis_distances(delta, state["sigma"], 1e-8)
             result = timed("mahalanobis", mahalanobis)
             extra["mahalanobis_branch"] = result.branch
@@ -330,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = inp.sizes()
     print(f"sizes: {sizes}, ls={inp.ls:.4g}, batch_size={args.batch_size}, landmarks in {inp.landmark_seconds:.1f} s")
     seconds, extra = run_stages(inp, wanted, args.batch_size)
-    sizes.update({k: v for k, v in extra.items() if k.startswith("nfev")})
+    sizes.update({k: v for k, v in extra.items() if k.startswith("nfev") or k == "delta_genes"})
     if args.de_total:
         seconds["de_total"] = de_total(inp, args.null_genes, args.landmarks, args.batch_size)
         print(f"  {'de_total':<12s} {seconds['de_total']:9.2f} s")
