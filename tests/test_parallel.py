@@ -138,6 +138,45 @@ def test_progress_bar_shows_a_cluster_run(case, da_model, cluster, tmp_path, cap
     _assert_same(ds, da_model.predict(case["in_X_predict"]))
 
 
+def test_distances_take_the_fold_changes_on_a_cluster(cluster, tmp_path, monkeypatch):
+    """On a multi-process cluster, with every cell a landmark, each real-gene Mahalanobis task
+    depends on its gene batch's expression blocks (it takes their fold changes, which travel
+    between the workers), and the store holds the distances of an in-memory run that
+    predicts every column (to TOL: single-threaded worker BLAS)."""
+    import dask
+    import xarray as xr
+    distributed = pytest.importorskip("distributed")
+    from kompot_dask.testing import simulate_atlas
+
+    atlas = simulate_atlas(n_cells=300, n_genes=12, n_samples=2, dims=3, seed=5)
+    first = atlas.condition == atlas.condition[0]
+    y = np.asarray(atlas.y, dtype=np.float64)
+    model = kd.DifferentialExpression(n_landmarks=400, null_genes=9, random_state=0).fit(
+        atlas.x[first], y[first], atlas.x[~first], y[~first])
+    cells = atlas.x[np.random.default_rng(1).permutation(300)]
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "HELD_DIFFERENCES_BYTES", 0)
+        reference = model.predict(cells, compute_mahalanobis=True, cell_chunk=64, gene_batch=5)
+    path = str(tmp_path / "de.zarr")
+    with distributed.Client(cluster) as client:
+        graph = predict_expression(model, cells, path, cell_chunk=64, gene_batch=5, client=client, compute=False)
+        dsk = dict(graph.__dask_graph__())
+        deps = {str(k): {str(d) for d in dask.core.get_dependencies(dsk, k)} for k in dsk}
+        client.compute(graph).result()
+    for j in range(5):  # gene batches of 5 over 12 real + 9 null genes: 0-2 hold real genes
+        taken = {d for d in deps[f"kompot-mahalanobis-genes-{j}-" + _tag(deps)] if "predict-expression" in d}
+        assert len(taken) == (5 if j < 3 else 0), j  # 300 cells in 5 chunks of 64
+    ds = xr.open_zarr(path, consolidated=False)
+    assert ds.attrs["kompot_dask"]["complete"]
+    _assert_same(ds, reference, ["mahalanobis_distances", "neg_log10_ptp", "local_fdr", "fold_change"])
+
+
+def _tag(keys) -> str:
+    """The run tag that ends every task name of one graph."""
+    (tag,) = {k.rsplit("-", 1)[1] for k in keys if k.startswith("kompot-mahalanobis-genes-")}
+    return tag
+
+
 def _row_terms(chunk, scale):
     """A reducer term with a large (outer product) and a small result."""
     return np.outer(chunk, chunk) * scale, float(chunk.sum())
