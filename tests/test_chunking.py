@@ -167,7 +167,8 @@ def test_distances_take_the_fold_changes_of_the_blocks(monkeypatch):
     ``μ2 − μ1`` of its real genes from the expression blocks' fold changes and predict only
     its null genes' (the columns asked for are counted at the pipeline's function); they
     equal the distances of a run that predicts every column, and of a run on a subset of the
-    cells (points not all covered: nothing taken), since the points are the same."""
+    cells (points not all covered: nothing taken), since the points are the same. The same
+    holds with the query cells themselves as the points (``use_landmarks=False``)."""
     from kompot_dask.differential import pipeline
     from kompot_dask.testing import simulate_atlas
 
@@ -181,16 +182,28 @@ def test_distances_take_the_fold_changes_of_the_blocks(monkeypatch):
     monkeypatch.setattr(pipeline, "mean_difference",
                         lambda m1, m2, pts, genes=None, *a: asked.append(range(21)[genes]) or inner(m1, m2, pts, genes, *a))
     cells = atlas.x[np.random.default_rng(1).permutation(300)]
+
+    def run(query, hold=True, **kwargs):
+        asked.clear()
+        with monkeypatch.context() as patch:
+            if not hold:  # too much to hold: every column predicted
+                patch.setattr(pipeline, "HELD_DIFFERENCES_BYTES", 0)
+            return model.predict(query, compute_mahalanobis=True, cell_chunk=64, gene_batch=5, **kwargs)
+
     # gene batches of 5: [0, 5) and [5, 10) real; [10, 15) = 2 real + 3 null; then nulls only
-    taken = model.predict(cells, compute_mahalanobis=True, cell_chunk=64, gene_batch=5)
+    taken = run(cells)
     assert sorted(c for r in asked for c in r) == list(range(12, 21))
-    asked.clear()
-    monkeypatch.setattr(pipeline, "HELD_DIFFERENCES_BYTES", 0)  # too much to hold: every column predicted
-    predicted = model.predict(cells, compute_mahalanobis=True, cell_chunk=64, gene_batch=5)
+    predicted = run(cells, hold=False)
     assert sorted(c for r in asked for c in r) == list(range(21))
-    monkeypatch.undo()
-    subset = model.predict(cells[:200], compute_mahalanobis=True, cell_chunk=64, gene_batch=5)
+    subset = run(cells[:200])
     for other in (predicted, subset):
         for key in ("mahalanobis_distances", "neg_log10_ptp", "local_fdr"):
             np.testing.assert_allclose(taken[key], other[key], rtol=1e-10, atol=1e-14, err_msg=key)
     np.testing.assert_array_equal(taken["is_de"], predicted["is_de"])
+    # the distances at the query cells themselves (use_landmarks=False: P = X_new, SPEC §6.5)
+    at_cells = run(cells, use_landmarks=False)
+    assert sorted(c for r in asked for c in r) == list(range(12, 21))
+    at_cells_predicted = run(cells, hold=False, use_landmarks=False)
+    assert sorted(c for r in asked for c in r) == list(range(21))
+    for key in ("mahalanobis_distances", "neg_log10_ptp", "local_fdr"):
+        np.testing.assert_allclose(at_cells[key], at_cells_predicted[key], rtol=1e-10, atol=1e-14, err_msg=key)

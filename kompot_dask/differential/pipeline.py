@@ -336,7 +336,7 @@ def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: li
                                         key=f"kompot-predict-variance-{i}-{tag}")
             else:
                 variances[i] = task(_variance_task, shared, x[cells[i]], key=f"kompot-predict-variance-{i}-{tag}")
-        reused = _reused_batches(landmark_rows, len(points), len(cells), len(genes), pending_blocks, pending,
+        reused = _reused_batches(point_rows, len(points), len(cells), len(genes), pending_blocks, pending,
                                  n * g * 8) if maha else set()
         blocks = {(i, j): task(_expression_task, shared, x[cells[i]], cells[i], genes[j], (i, j), sink, per_gene,
                                variances[i], None if landmark_rows is None else landmark_rows[cells[i]],
@@ -346,7 +346,7 @@ def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: li
             for (j,) in pending:
                 known = None
                 if j in reused:  # the real genes' μ2 − μ1 at the points: the blocks' fold changes
-                    known = ([landmark_rows[c] for c in cells], [blocks[i, j] for i in range(len(cells))])
+                    known = ([point_rows[c] for c in cells], [blocks[i, j] for i in range(len(cells))])
                 maha_tasks.append(task(_mahalanobis_task, shared, points, sigma, all_batches[j], (j,), sink, known,
                                        key=f"kompot-mahalanobis-genes-{j}-{tag}"))
         _describe(sink, len(cells) * len(genes), len(blocks))
@@ -362,21 +362,23 @@ def expression_graph(model: ExpressionModel, x: np.ndarray, sink: Any, cells: li
 HELD_DIFFERENCES_BYTES = 2 << 30  # most fold changes kept for the distances (:func:`_reused_batches`)
 
 
-def _reused_batches(landmark_rows, n_points: int, n_chunks: int, n_batches: int, pending_blocks, pending,
+def _reused_batches(point_rows, n_points: int, n_chunks: int, n_batches: int, pending_blocks, pending,
                     held_bytes: int) -> set:
     """Gene batches whose distances take ``μ2 − μ1`` at the points from the expression blocks.
 
-    When the query cells are the evaluation points (every point the landmark row of some
-    cell), the blocks' fold changes of a gene batch are its difference at the points, and
-    the Mahalanobis task need not predict both means at every point again. A batch qualifies
+    When the query cells are the evaluation points (every point the row of some cell in
+    ``point_rows``: the shared landmarks when they are all the cells, Kompot's default up to
+    5,000 cells, or the query cells themselves, SPEC §6.5 ``P = X_new``), the blocks' fold
+    changes of a gene batch are its difference at the points, and the Mahalanobis task need
+    not predict both means at every point again. A batch qualifies
     when all its blocks and its distances are computed in this run (a resumed run's written
     blocks may be float32), while the fold changes kept until their distances, ``held_bytes``
     in all, stay within :data:`HELD_DIFFERENCES_BYTES`.
     """
-    if landmark_rows is None or held_bytes > HELD_DIFFERENCES_BYTES:
+    if point_rows is None or held_bytes > HELD_DIFFERENCES_BYTES:
         return set()
     covered = np.zeros(n_points, dtype=bool)
-    covered[landmark_rows] = True
+    covered[point_rows] = True
     if not covered.all():
         return set()
     blocks = set(pending_blocks)
