@@ -10,7 +10,8 @@ The atlas is :func:`kompot_dask.testing.simulate_atlas` (two conditions, no samp
 DE runs at ``de()``'s defaults: ``n_landmarks=5000`` shared k-means landmarks (all cells
 when there are at most that many), ``sigma=1``, ``ls_factor=10``, ``batch_size=100``,
 2,000 permuted null genes, Mahalanobis at the landmarks. DA runs at ``da()``'s defaults:
-no landmarks, so a full GP per condition (``n <= 5000``), ``d_method="fractal"``.
+no landmarks given, so a full GP per condition of at most 5,000 cells and 5,000 k-means
+landmarks of its own for a larger one (:func:`density_flops`), ``d_method="fractal"``.
 
 Each stage is timed on its own, in the order the engine runs them:
 
@@ -104,7 +105,8 @@ def stage_flops(stage: str, s: dict) -> float:
 
     ``s`` holds ``n1``, ``n2`` (cells per condition), ``n`` (query cells), ``m``
     (landmarks), ``g`` (real genes), ``ga`` (real + null genes), ``d`` (dimensions) and,
-    for ``da``, ``nfev1``, ``nfev2`` (objective evaluations of each density fit).
+    for ``da``, ``nfev1``, ``nfev2`` (objective evaluations of each density fit) and
+    ``factor_rows_bytes`` (the option that decides whether a landmark density keeps ``L``).
     """
     n1, n2, n, m, g, ga, d = (s[k] for k in ("n1", "n2", "n", "m", "g", "ga", "d"))
     cells = [c for c in (n1, n2) if in_cell_basis(m, c, ga)]  # conditions fitted in the cells' basis
@@ -155,13 +157,45 @@ def stage_flops(stage: str, s: dict) -> float:
             delta = 2 * m * m * d + 2 * m * m * dg
         return delta + m**3 / 3 + m * m * ga
     if stage == "da":
-        def density(c, nfev):
-            return (c**3 / 3 + 2 * c * c * d  # chol(K + jI)
-                    + c**3 + c**3 / 3 + 2 * c * c  # ridge: LᵀL, chol, solves
-                    + nfev * 4 * c * c + 4 * c * c  # objective evaluations, Laplace diagonal
-                    + 2 * n * c * d + 2 * n * c + c * c * n + 2 * c * n)  # predict: kernel, mean, variances
-        return density(n1, s.get("nfev1", 0)) + density(n2, s.get("nfev2", 0))
+        return sum(density_flops(c, s.get(f"nfev{i}", 0), n, d, s.get("factor_rows_bytes"))
+                   for i, c in ((1, n1), (2, n2)))
     raise ValueError(stage)
+
+
+def density_flops(c: int, nfev: int, n: int, d: int, rows_bytes: int | None = None) -> float:
+    """Operations of one ``DensityEstimator`` at ``da()``'s defaults: fit on ``c`` cells
+    (``nfev`` objective evaluations), then the log density and its variance at ``n`` cells.
+
+    At most 5,000 cells (a full GP, ``Z = X``): ``chol(K + jI)``; the ridge start in its full
+    form ``Lpᵀ (I + K + jI)⁻¹ t`` (a second kernel and Cholesky, two solves, one product: no
+    ``LᵀL``); per evaluation ``f = Lp w`` and ``Lpᵀ (1 − e)``; the Laplace diagonal
+    (``Lp z``, ``(Lp∘Lp)ᵀ e``); ``w = Lp⁻ᵀ z``. More cells: 5,000 k-means landmarks of the
+    condition (its Lloyd steps are in the stage's seconds but not counted here: their number
+    is not known outside), ``chol(K_UU + jI)``, the factor rows ``L = K_XU Lp⁻ᵀ`` (kept while
+    ``8 c m`` bytes fit in ``rows_bytes``, the ``factor_rows_bytes`` option: otherwise every
+    evaluation forms its kernel block again), the ridge start from ``LᵀL`` and
+    ``chol(I + LᵀL)``, per evaluation ``L w`` and ``Lᵀ (1 − e)``, the Laplace diagonal and
+    ``w``. The prediction at ``n`` cells, in both: the kernel ``K_xZ``, the mean, the solve
+    ``B = Lp⁻¹ K_Zx`` and the two variance sums.
+    """
+    from kompot_dask.estimators._landmarks import MAX_AUTO_LANDMARKS
+
+    m = min(c, MAX_AUTO_LANDMARKS)
+    predict = 2 * n * m * d + 2 * n * m + m * m * n + 4 * n * m
+    if c <= MAX_AUTO_LANDMARKS:
+        fit = (2 * m * m * d + m**3 / 3  # chol(K + jI)
+               + 2 * m * m * d + m**3 / 3 + 2 * m * m + 2 * m * m  # ridge: chol(I + K + jI), solves, Lpᵀ·
+               + nfev * 4 * m * m + 5 * m * m + m * m)  # evaluations, Laplace diagonal, w
+        return fit + predict
+    kept = rows_bytes is None or 8 * c * m <= rows_bytes
+    rows = 2 * m * c * d + m * m * c  # K_XU and the solve against Lp: L
+    # an evaluation from kept rows: L w, Lᵀ (1 − e); otherwise from the kernel: K_XU, K_XU w,
+    # K_UX (1 − e) and w = Lp⁻ᵀ z
+    evaluation = 4 * c * m if kept else 2 * m * c * d + 4 * c * m + m * m
+    fit = (2 * m * m * d + m**3 / 3  # chol(K_UU + jI)
+           + rows + m * m * c + 2 * c * m + m**3 / 3 + 2 * m * m  # ridge: L, LᵀL, Lᵀt, chol, solves
+           + nfev * evaluation + 5 * c * m + (0 if kept else rows) + m * m)  # Laplace diagonal, w
+    return fit + predict
 
 
 # ------------------------------------------------------------------------------ stages
@@ -193,8 +227,11 @@ class Inputs:
         self.ls = expression_length_scale(nn_distances(self.x1, float32=True), 10.0, True, "x1")
 
     def sizes(self) -> dict:
+        from kompot_dask.options import get_options
+
         return {"n1": len(self.x1), "n2": len(self.x2), "n": len(self.x), "m": len(self.landmarks),
-                "g": self.genes, "ga": self.y1.shape[1], "d": self.x.shape[1]}
+                "g": self.genes, "ga": self.y1.shape[1], "d": self.x.shape[1],
+                "factor_rows_bytes": get_options()["factor_rows_bytes"]}
 
 
 def batches(n: int, size: int) -> list[slice]:
