@@ -43,6 +43,7 @@ and each stage's process CPU time (all threads) next to its wall time.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -134,10 +135,14 @@ def stage_flops(stage: str, s: dict) -> float:
         return 2 * n * m * d + 2 * n * m * (2 * g)
     if stage == "variance":
         # per block: the kernel; landmark form: A = Lp⁻¹k once (both conditions share Lp), then
-        # LB⁻¹A per condition; cell form: Gᵀk (GEMM) and Lc⁻¹(Gᵀk) per condition
-        shared_projection = m * m * n if len(cells) < 2 else 0
-        return (2 * n * m * d + shared_projection + sum(2 * m * c * n + c * c * n for c in cells)
-                + (2 - len(cells)) * m * m * n)
+        # LB⁻¹A per condition; cell form: Gᵀk (GEMM) and Lc⁻¹(Gᵀk) per condition. A landmark-form
+        # fit that kept its cells' A (``kept_function``) gives their columns with no kernel or
+        # solve (the query cells here are the training cells).
+        kept = s.get("kept_function", (False, False))
+        unkept = n - sum(c for c, k in zip((n1, n2), kept) if k and c not in cells)
+        shared_projection = m * m * unkept if len(cells) < 2 else 0
+        return (2 * (n if cells else unkept) * m * d + shared_projection
+                + sum(2 * m * c * n + c * c * n for c in cells) + (2 - len(cells)) * m * m * n)
     if stage == "sigma":
         # landmark form: Lp⁻¹ (LAPACK trtri, m³/3) and DᵀD, D = j Lp⁻¹ (lauum, m³/3), once
         # (K_UU − AᵀA = jI − DᵀD); then per condition C = LB⁻¹ (Lpᵀ − D) and CᵀC. Cell form,
@@ -157,12 +162,13 @@ def stage_flops(stage: str, s: dict) -> float:
             delta = 2 * m * m * d + 2 * m * m * dg
         return delta + m**3 / 3 + m * m * ga
     if stage == "da":
-        return sum(density_flops(c, s.get(f"nfev{i}", 0), n, d, s.get("factor_rows_bytes"))
+        kept = s.get("kept_density", (False, False))
+        return sum(density_flops(c, s.get(f"nfev{i}", 0), n, d, s.get("factor_rows_bytes"), kept[i - 1])
                    for i, c in ((1, n1), (2, n2)))
     raise ValueError(stage)
 
 
-def density_flops(c: int, nfev: int, n: int, d: int, rows_bytes: int | None = None) -> float:
+def density_flops(c: int, nfev: int, n: int, d: int, rows_bytes: int | None = None, kept: bool = False) -> float:
     """Operations of one ``DensityEstimator`` at ``da()``'s defaults: fit on ``c`` cells
     (``nfev`` objective evaluations), then the log density and its variance at ``n`` cells.
 
@@ -176,12 +182,13 @@ def density_flops(c: int, nfev: int, n: int, d: int, rows_bytes: int | None = No
     evaluation forms its kernel block again), the ridge start from ``LᵀL`` and
     ``chol(I + LᵀL)``, per evaluation ``L w`` and ``Lᵀ (1 − e)``, the Laplace diagonal and
     ``w``. The prediction at ``n`` cells, in both: the kernel ``K_xZ``, the mean, the solve
-    ``B = Lp⁻¹ K_Zx`` and the two variance sums.
+    ``B = Lp⁻¹ K_Zx`` and the two variance sums; ``kept``: the landmark fit kept its rows
+    of ``L`` for its predictor, so ``B`` at its own ``c`` cells (among the ``n``) is read.
     """
     from kompot_dask.estimators._landmarks import MAX_AUTO_LANDMARKS
 
     m = min(c, MAX_AUTO_LANDMARKS)
-    predict = 2 * n * m * d + 2 * n * m + m * m * n + 4 * n * m
+    predict = 2 * n * m * d + 2 * n * m + m * m * (n - c if kept and c > m else n) + 4 * n * m
     if c <= MAX_AUTO_LANDMARKS:
         fit = (2 * m * m * d + m**3 / 3  # chol(K + jI)
                + 2 * m * m * d + m**3 / 3 + 2 * m * m + 2 * m * m  # ridge: chol(I + K + jI), solves, Lpᵀ·
@@ -269,6 +276,7 @@ def run_stages(inp: Inputs, wanted: list[str], batch_size: int) -> tuple[dict, d
         kwargs = dict(landmarks=inp.landmarks, gp_type="fixed", ls=inp.ls, sigma=1.0, predictor_with_uncertainty=True)
         p1, p2 = timed("fit", lambda: tuple(FunctionEstimator(**kwargs).fit(x, y).predict
                                             for x, y in ((inp.x1, inp.y1), (inp.x2, inp.y2))))
+        extra["kept_function"] = [p.kept is not None for p in (p1, p2)]  # the training cells' A, kept
         cells = batches(len(inp.x), batch_size)
         genes = slice(0, inp.genes)
         m1, m2 = ConditionModel(p1), ConditionModel(p2)
@@ -300,6 +308,10 @@ def run_stages(inp: Inputs, wanted: list[str], batch_size: int) -> tuple[dict, d
                     return mk.mahalanobis_distances(delta, state["sigma"], 1e-8)
             result = timed("mahalanobis", mahalanobis)
             extra["mahalanobis_branch"] = result.branch
+        # the DE models go before DA: what they kept counts against the same factor_rows_bytes
+        del p1, p2, m1, m2
+        state.clear()
+        gc.collect()
     if "da" in wanted:
         from kompot_dask import DifferentialAbundance
 
@@ -311,6 +323,8 @@ def run_stages(inp: Inputs, wanted: list[str], batch_size: int) -> tuple[dict, d
         model = timed("da", da)
         extra["nfev1"] = int(model.density_estimator1.optimizer_result.nfev)
         extra["nfev2"] = int(model.density_estimator2.optimizer_result.nfev)
+        extra["kept_density"] = [getattr(e.predict, "kept", None) is not None
+                                 for e in (model.density_estimator1, model.density_estimator2)]
     return seconds, extra
 
 
@@ -382,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = inp.sizes()
     print(f"sizes: {sizes}, ls={inp.ls:.4g}, batch_size={args.batch_size}, landmarks in {inp.landmark_seconds:.1f} s")
     seconds, extra = run_stages(inp, wanted, args.batch_size)
-    sizes.update({k: v for k, v in extra.items() if k.startswith("nfev") or k == "delta_genes"})
+    sizes.update({k: v for k, v in extra.items() if k.startswith(("nfev", "kept_")) or k == "delta_genes"})
     if args.de_total:
         seconds["de_total"] = de_total(inp, args.null_genes, args.landmarks, args.batch_size)
         print(f"  {'de_total':<12s} {seconds['de_total']:9.2f} s")

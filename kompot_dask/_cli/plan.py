@@ -102,7 +102,14 @@ def da_stage(adata: Any, values: dict[str, Any], kwargs: dict[str, Any], atlas: 
 
     block_limit = get_options()["chunk_memory_bytes"]
     n = atlas["cells"]
-    sizes = {"landmark_factors": sum(2 * 8 * m * m for m in landmarks.values()), "results": 8 * 6 * n}
+    from ..estimators._kept_projections import planned_bytes
+
+    # a landmark density (shared landmarks, or its own above 5,000 cells) keeps its factor
+    # rows for the variances at its cells
+    shared_landmarks = bool(_GP_FIELDS & set(kwargs))
+    own = [(cells[c], m) for c, m in landmarks.items() if shared_landmarks or m < cells[c]]
+    sizes = {"landmark_factors": sum(2 * 8 * m * m for m in landmarks.values()), "results": 8 * 6 * n,
+             "kept_projections": planned_bytes(own) if budget["where"] == "in-process" else 0}
     task = max(3 * min(8 * n * m, block_limit) for m in landmarks.values())  # cells x landmarks blocks
     stage = {"cells": cells, "landmarks": landmarks, "bytes": sizes, "blocks": {"task_bytes": task}}
     return _verdict(stage, atlas, budget, task_bytes=task)

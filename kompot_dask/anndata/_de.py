@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..differential import DifferentialExpression
+from ..estimators._kept_projections import planned_bytes
 from ._common import landmarks_for, landmarks_info, run_context, store_landmarks
 from ._fields import de_field_mapping, de_fields, replicate_fields
 from ._groups import group_results, groups_summary, parse_groups
@@ -482,5 +483,8 @@ def _plan(inputs, keep, gps) -> dict:
     """What a run would hold (``dry_run``): sizes of the largest arrays, nothing computed."""
     n, g = int(keep.sum()), 0 if inputs.gene_names is None else len(inputs.gene_names)
     m = min(gps.n_landmarks or 5000, len(inputs.x1) + len(inputs.x2))
+    # a condition with more cells than landmarks fits in the landmark form and keeps its A
+    landmark_form = [(len(x), m) for x in (inputs.x1, inputs.x2) if len(x) > m]
     return {"n_cells_predicted": n, "n_genes": g, "n_landmarks": m,
-            "bytes": {"layers": 4 * n * g * 8, "landmark_factors": 2 * m * m * 8}}
+            "bytes": {"layers": 4 * n * g * 8, "landmark_factors": 2 * m * m * 8,
+                      "kept_projections": planned_bytes(landmark_form)}}

@@ -18,6 +18,7 @@ from ..kernels import covariance as cov
 from ..kernels import function as fk
 from ..kernels import posterior as post
 from ._inputs import read_rows
+from ._kept_projections import KeptProjections
 
 __all__ = ["FunctionChunk", "FunctionPrior", "RowBlock", "reads_lazily", "projected_stats", "residual_cross"]
 
@@ -63,13 +64,16 @@ def _projection(x: np.ndarray, prior: FunctionPrior) -> np.ndarray:
 
 
 @with_x64
-def projected_stats(chunk: FunctionChunk, prior: FunctionPrior) -> tuple:
+def projected_stats(chunk: FunctionChunk, prior: FunctionPrior, keep: KeptProjections | None = None) -> tuple:
     """``(A_c A_c^T, A_c (Y_c - mu))`` of one chunk, ``A_c = Lp^-1 K_Uc``.
 
     Projecting each chunk by a triangular solve first (rather than forming ``K_UX K_XU``
     and solving on both sides) keeps the conditioning of ``Lp`` from being squared.
+    ``keep`` (in the fitting process only) receives ``A_c``'s columns for the predictions.
     """
     a = _projection(chunk.x, prior)
+    if keep is not None:
+        keep.add(chunk.x, a.T)
     return post.gram(a.T), a @ (chunk.targets() - prior.mu)
 
 

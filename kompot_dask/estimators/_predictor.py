@@ -11,10 +11,24 @@ from ..execution.plan import row_slices
 
 
 class ChunkedPredictor:
-    """Base of the predictors: ``state`` is a NamedTuple with ``inducing`` and ``n_obs``."""
+    """Base of the predictors: ``state`` is a NamedTuple with ``inducing`` and ``n_obs``.
 
-    def __init__(self, state):
+    ``kept``: the fit's :class:`~._kept_projections.KeptProjections` of its training cells,
+    held in the fitting process only (not pickled: a copy predicts by solving).
+    """
+
+    def __init__(self, state, kept=None):
         self.state = state
+        self.kept = kept
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["kept"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("kept", None)  # pickled before predictors held kept projections
+        self.__dict__.update(state)
 
     @property
     def n_obs(self) -> int:

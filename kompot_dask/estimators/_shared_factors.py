@@ -10,7 +10,8 @@ the landmarks. Computing them once instead of once per model is exact (the same 
   models fitted in this process while an earlier ``Lp`` is alive get that very array.
 * :func:`cell_projection`: ``A`` and ``k** − ‖A‖²`` of the last block of cells asked for on
   a given ``Lp`` (one entry per thread, up to one block of M × cells: condition 2 asks for
-  the block condition 1 just did).
+  the block condition 1 just did). Cells that a fit on this ``Lp`` trained on and kept
+  (:func:`keep_projections`) take their columns of ``A`` from that fit instead of a solve.
 * :func:`inducing_terms`: :func:`~kompot_dask.kernels.posterior.inducing_shared` of the last
   ``Lp`` asked for (one entry per process, dropped with its ``Lp``).
 * :func:`inducing_kernel`: ``K_UU`` of the last ``Lp`` asked for (likewise).
@@ -33,13 +34,16 @@ import numpy as np
 
 from ..kernels import covariance as cov
 from ..kernels import posterior as post
+from ._kept_projections import KeptProjections, projections
 
-__all__ = ["prior_factor", "cell_projection", "inducing_terms", "inducing_kernel", "scaled_inverse", "digest"]
+__all__ = ["prior_factor", "cell_projection", "keep_projections", "inducing_terms", "inducing_kernel",
+           "scaled_inverse", "digest"]
 
 _LOCK = threading.Lock()
 _PRIORS: dict[tuple, weakref.ref] = {}
 _LOCAL = threading.local()
 _INDUCING: dict[str, Any] = {}
+_KEPT: dict[int, list[tuple[weakref.ref, weakref.ref]]] = {}  # id(Lp): (Lp, KeptProjections), both weakly
 
 
 def digest(arr: np.ndarray) -> tuple:
@@ -93,18 +97,53 @@ def cell_projection(x: np.ndarray, inducing: np.ndarray, lp: np.ndarray, ls: flo
     """``(A, k** − ‖A‖²)`` with ``A = Lp⁻¹ K_{U x}`` (M × n) for the cells ``x``.
 
     The last result of this thread is reused when the same cells are asked for on the same
-    ``Lp`` (the second condition of a block); the caller must not modify it.
+    ``Lp`` (the second condition of a block); the caller must not modify it. Cells kept by a
+    fit on ``lp`` (:func:`keep_projections`) are not solved for again.
     """
     key = (id(lp), digest(x), float(ls))
     last = getattr(_LOCAL, "last", None)
     if last is not None and last[0] == key and last[1]() is lp:
         return last[2]
-    a = post.solve_lower(lp, np.asfortranarray(cov.matern52(inducing, x, ls)), overwrite=True)
+    kept = _kept_for(lp)
+    if kept:
+        a, _ = projections(x, len(inducing), kept, lambda rows: _solve_cells(x[rows], inducing, lp, ls))
+    else:
+        a = _solve_cells(x, inducing, lp, ls)
     base = np.asarray(cov.matern52_diag(x, ls)) - post.column_sq_norms(a)
     a.setflags(write=False)
     base.setflags(write=False)
     _LOCAL.last = (key, weakref.ref(lp), (a, base))
     return a, base
+
+
+def _solve_cells(x: np.ndarray, inducing: np.ndarray, lp: np.ndarray, ls: float) -> np.ndarray:
+    return post.solve_lower(lp, np.asfortranarray(cov.matern52(inducing, x, ls)), overwrite=True)
+
+
+def keep_projections(lp: np.ndarray, kept: KeptProjections) -> None:
+    """Let :func:`cell_projection` on ``lp`` read the columns of ``A`` that a fit on ``lp``
+    kept for its training cells. ``kept`` is referenced weakly: its predictor owns it."""
+    with _LOCK:
+        entries = [(r, k) for r, k in _KEPT.get(id(lp), []) if r() is lp and k() is not None]
+        if not entries:
+            weakref.finalize(lp, _forget_kept, id(lp))
+        entries.append((weakref.ref(lp), weakref.ref(kept)))
+        _KEPT[id(lp)] = entries
+
+
+def _kept_for(lp: np.ndarray) -> list[KeptProjections]:
+    with _LOCK:
+        found = [k() for r, k in _KEPT.get(id(lp), []) if r() is lp]
+    return [k for k in found if k is not None]
+
+
+def _forget_kept(key: int) -> None:
+    with _LOCK:
+        entries = [(r, k) for r, k in _KEPT.get(key, []) if r() is not None]
+        if entries:
+            _KEPT[key] = entries
+        else:
+            _KEPT.pop(key, None)
 
 
 def inducing_terms(lp: np.ndarray, jitter: float) -> post.InducingShared:

@@ -18,6 +18,7 @@ from . import _shared_factors as shared_factors
 from ._density_terms import DensityChunk, Prior, gram_rhs, hessian_diag, loglik_grad, with_factor_rows
 from ..execution.reduce import LocalChunks, open_reducer
 from ._inputs import as_cell_states, check_count, check_landmarks, check_positive
+from ._kept_projections import KeptProjections, projections, reserve
 from ..execution.plan import row_slices
 from ._landmarks import resolve_inducing
 from ._neighbors import nn_distances
@@ -68,7 +69,7 @@ class DensityPredictor(ChunkedPredictor):
         for sl in row_slices(len(x), len(st.inducing)):
             k_xz = _kernel_rows(x[sl], st)
             means.append(_chunk_mean(k_xz, st))
-            cov_diag, mean_cov = _chunk_variances(x[sl], k_xz, st, s2)
+            cov_diag, mean_cov = _chunk_variances(x[sl], k_xz, st, s2, self.kept)
             variances.append(cov_diag + mean_cov)
         out = np.concatenate(means)
         return (out - np.log(st.n_obs) if normalize else out), np.concatenate(variances)
@@ -76,7 +77,7 @@ class DensityPredictor(ChunkedPredictor):
     def _variances(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         st = self.state
         s2 = np.zeros(len(st.inducing)) if st.s is None else st.s * st.s
-        parts = [_chunk_variances(x[sl], _kernel_rows(x[sl], st), st, s2)
+        parts = [_chunk_variances(x[sl], _kernel_rows(x[sl], st), st, s2, self.kept)
                  for sl in row_slices(len(x), len(st.inducing))]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -301,11 +302,12 @@ class DensityEstimator:
         prior = Prior(None if full else np.asarray(inducing), lp, float(self.ls))
         with open_reducer(chunks, "density") as reducer:
             shared = reducer.share(prior)
-            landmark = not full
+            landmark, kept = not full, None
             if landmark and 8 * len(x) * len(inducing) <= reducer.row_budget():
                 # f = K_XU Lp⁻ᵀ z = L z: with L's rows kept, the objective takes the full-GP form
                 reducer.replace_chunks(with_factor_rows, shared)
                 landmark = False
+                kept = self._keep_rows(reducer, chunks, len(x) * len(inducing))
             self.initial_value, factor = self._ridge_start(reducer, shared, x, lp, chunks, full)
             objective = _Objective(reducer, shared, lp, landmark, float(self.mu))
             if self.optimizer == "preconditioned":
@@ -337,8 +339,21 @@ class DensityEstimator:
                 mu=float(self.mu),
                 ls=float(self.ls),
                 n_obs=len(x),
-            )
+            ),
+            kept,
         )
+
+    def _keep_rows(self, reducer, chunks: list[DensityChunk], entries: int) -> KeptProjections | None:
+        """The factor rows ``L = K_XU Lp⁻ᵀ`` of the training cells, kept for the variances at
+        them (``B = Lp⁻¹ K_Ux = Lᵀ`` there) when the fit runs here, the uncertainty is asked
+        for and the rows fit the ``factor_rows_bytes`` option beside the others kept."""
+        if not self.predictor_with_uncertainty or not isinstance(reducer, LocalChunks):
+            return None
+        kept = reserve(8 * entries)
+        if kept is not None:
+            for chunk, with_rows in zip(chunks, reducer.chunks):
+                kept.add(chunk.x, np.asarray(with_rows.phi))
+        return kept
 
     def _ridge_start(self, reducer, shared, x: np.ndarray, lp: np.ndarray, chunks: list[DensityChunk],
                      full: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -396,13 +411,18 @@ def _chunk_mean(k_xz: np.ndarray, st: DensityState) -> np.ndarray:
     return st.mu + k_xz @ st.weights
 
 
-def _chunk_variances(xc: np.ndarray, k_xz: np.ndarray, st: DensityState,
-                     s2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _chunk_variances(xc: np.ndarray, k_xz: np.ndarray, st: DensityState, s2: np.ndarray,
+                     kept: KeptProjections | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``covariance`` and ``mean_covariance`` diagonals of a chunk (SPEC §2.8), ``B = Lp⁻¹ K_Zx``.
 
     ``k_xz`` is from :func:`_kernel_rows`; if it is writable, it is overwritten by ``B**2``.
+    Training cells whose rows of ``L = Bᵀ`` the fit kept (``kept``) are not solved for.
     """
-    b2 = post.solve_lower(st.lp, k_xz.T, overwrite=True)
+    if kept is not None and len(kept):
+        b2, _ = projections(xc, len(st.inducing), [kept], lambda rows: post.solve_lower(st.lp, k_xz[rows].T,
+                                                                                          overwrite=True))
+    else:
+        b2 = post.solve_lower(st.lp, k_xz.T, overwrite=True)
     np.multiply(b2, b2, out=b2)
     return np.asarray(cov.matern52_diag(xc, st.ls)) - np.sum(b2, axis=0), s2 @ b2
 

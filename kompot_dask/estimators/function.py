@@ -16,7 +16,8 @@ from ..kernels import linalg as la
 from ..kernels import posterior as post
 from . import _shared_factors as shared
 from ._function_terms import FunctionChunk, FunctionPrior, RowBlock, projected_stats, reads_lazily, residual_cross
-from ..execution.reduce import open_reducer
+from ..execution.reduce import LocalChunks, open_reducer
+from ._kept_projections import KeptProjections, reserve
 from ._inputs import as_cell_states, as_expression, check_count, check_landmarks, check_positive, read_rows
 from ..execution.plan import row_slices
 from ._landmarks import resolve_inducing
@@ -302,8 +303,13 @@ class FunctionEstimator:
             x, self.n_landmarks, self.landmarks, given["gp_type"], self.random_state
         )
         self.n_obs = n
-        fit = self._fit_full if self.gp_type == "full" else self._fit_landmarks
-        self.predict = FunctionPredictor(fit(x, y, one_d))
+        if self.gp_type == "full":
+            self.predict = FunctionPredictor(self._fit_full(x, y, one_d))
+        else:
+            state, kept = self._fit_landmarks(x, y, one_d)
+            self.predict = FunctionPredictor(state, kept)
+            if kept is not None:
+                shared.keep_projections(state.lp, kept)
         return self
 
     def fit_predict(self, x: Any, y: Any) -> np.ndarray:
@@ -314,7 +320,7 @@ class FunctionEstimator:
     def _noise(self) -> float:
         return max(self.sigma**2, self.jitter)
 
-    def _fit_landmarks(self, x: np.ndarray, y: Any, one_d: bool) -> FunctionState:
+    def _fit_landmarks(self, x: np.ndarray, y: Any, one_d: bool) -> tuple[FunctionState, KeptProjections | None]:
         u, ls, mu = np.asarray(self.landmarks), self.ls, self.mu
         in_cells = self._in_cell_basis(len(u), len(x), 1 if one_d else y.shape[1])
         lp = shared.prior_factor(u, ls, self.jitter, keep_kernel=in_cells)
@@ -328,7 +334,7 @@ class FunctionEstimator:
             else:
                 basis = cb.fit(lp, _kernel_block(u, x, ls), r, self._noise, self.jitter, x)
             return FunctionState(u, None, lp, None, mu, ls, len(x), one_d, jitter=float(self.jitter),
-                                 cell_basis=basis)
+                                 cell_basis=basis), None
         lazy = reads_lazily(y)
         chunks = [
             FunctionChunk(x[sl], RowBlock(y, sl))
@@ -337,16 +343,19 @@ class FunctionEstimator:
         # In-memory targets are summed here: shipping them to workers would copy them.
         with open_reducer(chunks, "function", local=not lazy) as reducer:
             prior = reducer.share(FunctionPrior(u, lp, float(ls), float(mu)))
-            aat, a_r = reducer.reduce(projected_stats, prior)
+            # The training cells' A = Lp⁻¹ K_UX, kept for the variances at these cells when
+            # the sums run here and it fits the factor_rows_bytes option.
+            kept = reserve(8 * len(u) * len(x)) if isinstance(reducer, LocalChunks) else None
+            aat, a_r = reducer.reduce(projected_stats, prior, kept)
             lb = post.noise_factor(aat, self._noise, "I + A A^T / sigma^2")
             weights = post.landmark_weights(lp, lb, a_r, self._noise)
             state = FunctionState(u, weights, lp, lb, mu, ls, len(x), one_d, jitter=float(self.jitter))
             if not self.obs_variance:
-                return state
+                return state, kept
             lm = np.asarray(la.checked(fk.leverage_factor(lp, aat, self.sigma**2, self.jitter), "the leverage matrix"))
             (cross_var,) = reducer.reduce(residual_cross, prior, lm, weights)
         obs_w = post.landmark_weights(lp, lb, cross_var, self._noise)
-        return state._replace(leverage_factor=lm, obs_weights=obs_w)
+        return state._replace(leverage_factor=lm, obs_weights=obs_w), kept
 
     def _in_cell_basis(self, m: int, c: int, g: int) -> bool:
         """Fit in the cells' basis when that takes fewer operations (fewer cells than

@@ -1,0 +1,157 @@
+"""A landmark fit keeps its training cells' projections ``Lp⁻¹ k_U(x)`` for the variances at them.
+
+The solves are counted at :func:`kompot_dask.kernels.posterior.solve_lower` (columns solved
+against a model's ``Lp``), which the engine does not report about itself; the numbers are
+compared with a pickled copy of the same predictor (which keeps nothing and solves) or a run
+with the ``factor_rows_bytes`` option at 0.
+"""
+
+from __future__ import annotations
+
+import gc
+import pickle
+
+import numpy as np
+import pytest
+
+import kompot_dask as kd
+from kompot_dask.estimators import DensityEstimator, FunctionEstimator
+from kompot_dask.estimators import _kept_projections as kp
+from kompot_dask.kernels import posterior as post
+
+
+@pytest.fixture
+def solved(monkeypatch):
+    """``counts[id(lp)]``: columns solved against each lower factor, counted per call."""
+    counts: dict[int, int] = {}
+    inner = post.solve_lower
+
+    def counting(lower, b, *args, **kwargs):
+        b_arr = np.asarray(b)
+        counts[id(lower)] = counts.get(id(lower), 0) + (b_arr.shape[1] if b_arr.ndim == 2 else 1)
+        return inner(lower, b, *args, **kwargs)
+
+    monkeypatch.setattr(post, "solve_lower", counting)
+    return counts
+
+
+def _conditions(seed=0):
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.standard_normal((700, 4)), rng.standard_normal((600, 4)) + 0.3
+    y1, y2 = rng.standard_normal((700, 5)), rng.standard_normal((600, 5))
+    return rng, x1, y1, x2, y2, rng.standard_normal((150, 4))
+
+
+def test_function_variances_read_both_fits_projections(solved):
+    """Two fits on shared landmarks (more cells than landmarks: the landmark form) keep ``A``;
+    the variances at a block of both conditions' cells and new cells solve for the new cells
+    only, and equal those of pickled copies (nothing kept) to 1e-12."""
+    rng, x1, y1, x2, y2, u = _conditions()
+    p1 = FunctionEstimator(landmarks=u, gp_type="fixed", ls=2.0).fit(x1, y1).predict
+    p2 = FunctionEstimator(landmarks=u, gp_type="fixed", ls=2.0).fit(x2, y2).predict
+    assert p1.state.lp is p2.state.lp and len(p1.kept) == 700 and len(p2.kept) == 600
+    new = rng.standard_normal((40, 4))
+    query = np.vstack([x1[::3], new, x2[::2]])
+    solved.clear()
+    v1, v2 = p1.covariance(query), p2.covariance(query)
+    assert solved[id(p1.state.lp)] == 40  # the new cells, once for both conditions
+    c1, c2 = (pickle.loads(pickle.dumps(p)) for p in (p1, p2))
+    assert c1.kept is None and c2.kept is None
+    solved.clear()
+    w1, w2 = c1.covariance(query), c2.covariance(query)
+    assert solved[id(c1.state.lp)] + solved[id(c2.state.lp)] == 2 * len(query)
+    np.testing.assert_allclose(v1, w1, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(v2, w2, rtol=1e-12, atol=1e-14)
+    # the full covariance between cells goes through the same projection
+    np.testing.assert_allclose(p1.covariance(query[:60], diag=False), c1.covariance(query[:60], diag=False),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_kept_bytes_are_capped_by_the_option_and_released():
+    """``factor_rows_bytes`` bounds all kept projections of the process together: at 0 nothing
+    is kept; with room for one fit the second keeps nothing; dropping the models frees them."""
+    _, x1, y1, x2, y2, u = _conditions(1)
+    gc.collect()
+    before = kp.kept_bytes()
+    with kd.set_options(factor_rows_bytes=0):
+        assert FunctionEstimator(landmarks=u, gp_type="fixed", ls=2.0).fit(x1, y1).predict.kept is None
+    one = 8 * len(u) * len(x1)
+    with kd.set_options(factor_rows_bytes=before + one + 8 * len(u) * len(x2) - 1):
+        first = FunctionEstimator(landmarks=u, gp_type="fixed", ls=2.0).fit(x1, y1)
+        second = FunctionEstimator(landmarks=u, gp_type="fixed", ls=2.0).fit(x2, y2)
+    assert first.predict.kept is not None and first.predict.kept.nbytes == one
+    assert second.predict.kept is None
+    assert kp.kept_bytes() == before + one
+    del first, second
+    gc.collect()
+    assert kp.kept_bytes() == before
+
+
+def test_density_uncertainty_reads_the_fits_rows(solved):
+    """A landmark density fit keeps ``L = K_XU Lp⁻ᵀ``; its uncertainty at its own cells solves
+    nothing, at other cells only for those, and equals a pickled copy's to 1e-12."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((900, 4))
+    density = DensityEstimator(n_landmarks=200, random_state=0, predictor_with_uncertainty=True).fit(x)
+    predictor = density.predict
+    assert density.gp_type != "full" and len(predictor.kept) == 900
+    other = rng.standard_normal((30, 4)) + 0.2
+    query = np.vstack([x[::2], other])
+    solved.clear()
+    var = predictor.uncertainty(query)
+    mean, var_joint = predictor.log_density_and_uncertainty(query)
+    assert solved.get(id(predictor.state.lp), 0) == 2 * 30
+    copy = pickle.loads(pickle.dumps(predictor))
+    assert copy.kept is None
+    solved.clear()
+    expected = copy.uncertainty(query)
+    assert solved[id(copy.state.lp)] == len(query)
+    np.testing.assert_allclose(var, expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(var_joint, expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(mean, copy(query))
+
+
+def test_expression_and_abundance_runs_equal_without_kept_projections(solved):
+    """``DifferentialExpression`` with 100 shared landmarks and ``DifferentialAbundance`` with
+    100 landmarks per condition, predicted at every cell: fewer solves against the landmark
+    factors with the projections kept, every result equal (1e-10) to a run with the
+    ``factor_rows_bytes`` option at 0 (``de``) or to the same fits with their kept rows
+    dropped (``da``: the option also decides how the density fit evaluates its objective)."""
+    from kompot_dask.testing import simulate_atlas
+
+    atlas = simulate_atlas(n_cells=500, n_genes=6, n_samples=2, dims=3, seed=3)
+    first = atlas.condition == atlas.condition[0]
+    x1, x2 = atlas.x[first], atlas.x[~first]
+    y = np.asarray(atlas.y, dtype=np.float64)
+
+    def de(limit):
+        with kd.set_options(factor_rows_bytes=limit):
+            model = kd.DifferentialExpression(n_landmarks=100, random_state=0).fit(x1, y[first], x2, y[~first])
+            solved.clear()
+            out = model.predict(atlas.x, compute_mahalanobis=True, cell_chunk=64)
+            return out, solved.get(id(model.function_predictor1.state.lp), 0)
+
+    kept, n_kept = de(2**30)
+    plain, n_plain = de(0)
+    assert n_kept == 0 < n_plain
+    floats = [k for k, v in plain.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+    assert {"fold_change_zscores", "mahalanobis_distances"} <= set(floats)
+    for key in floats:
+        np.testing.assert_allclose(kept[key], plain[key], rtol=1e-10, atol=1e-13, err_msg=key)
+
+    def da(keep):
+        model = kd.DifferentialAbundance(n_landmarks=100, random_state=0).fit(x1, x2)
+        if not keep:
+            for est in (model.density_estimator1, model.density_estimator2):
+                est.predict.kept = None
+        solved.clear()
+        out = model.predict(atlas.x)
+        return out, sum(solved.get(id(est.predict.state.lp), 0)
+                        for est in (model.density_estimator1, model.density_estimator2))
+
+    with_rows, n_rows = da(True)
+    without, n_without = da(False)
+    assert n_without == 2 * len(atlas.x) and n_rows == len(atlas.x)  # each density's own cells kept
+    for key, value in without.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            np.testing.assert_allclose(with_rows[key], value, rtol=1e-10, atol=1e-12, err_msg=key)
