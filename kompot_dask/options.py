@@ -131,10 +131,10 @@ class set_options:
         evaluation over every cell. Larger fits recompute the kernel per evaluation,
         with memory bounded by ``chunk_memory_bytes``. The same bound applies to the
         projections ``Lp⁻¹ k_U(x)`` of the training cells that landmark fits running in
-        this process keep for their predictors, all of them together: the variances at
-        those cells then read them instead of solving again (``da()`` and ``de()``
-        predict at the training cells). They live as long as their models; pickled
-        models (as sent to workers) carry none.
+        this process keep for their predictors, all of them together, when no
+        ``distributed.Client`` is active: the variances at those cells then read them
+        instead of solving again (``da()`` and ``de()`` predict at the training cells).
+        They live as long as their models; pickled models (as sent to workers) carry none.
     """
 
     def __init__(self, **kwargs: Any) -> None:

@@ -155,3 +155,29 @@ def test_expression_and_abundance_runs_equal_without_kept_projections(solved):
     for key, value in without.items():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             np.testing.assert_allclose(with_rows[key], value, rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("estimator_type", ["function", "density"])
+def test_per_sample_models_keep_nothing(estimator_type):
+    """The sample variance asks its per-sample models for means only: their landmark fits keep
+    no projections (which would hold memory, and room under ``factor_rows_bytes``, for
+    nothing); the same fit outside it keeps them."""
+    from kompot_dask.differential.sample_variance import SampleVarianceEstimator
+
+    rng = np.random.default_rng(5)
+    x, y, u = rng.standard_normal((800, 3)), rng.standard_normal((800, 2)), rng.standard_normal((120, 3))
+    labels = np.repeat(["a", "b"], 400)
+    settings = {"landmarks": u, "gp_type": "fixed"}
+    gc.collect()
+    before = kp.kept_bytes()
+    model = SampleVarianceEstimator(estimator_type=estimator_type).fit(x, y, grouping_vector=labels,
+                                                                     estimator_kwargs=settings)
+    assert len(model.group_predictors) == 2
+    assert all(p.kept is None for p in model.group_predictors.values())
+    gc.collect()
+    assert kp.kept_bytes() == before
+    if estimator_type == "function":
+        alone = FunctionEstimator(ls_factor=10.0, **settings).fit(x[:400], y[:400])
+    else:
+        alone = DensityEstimator(d_method="fractal", predictor_with_uncertainty=True, **settings).fit(x[:400])
+    assert alone.predict.kept is not None and len(alone.predict.kept) == 400

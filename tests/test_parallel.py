@@ -515,7 +515,24 @@ def test_density_fit_keeps_its_factor_rows_on_the_workers(density_landmarks, clu
                                 {k for k in keys if "-loglik-grad-" in k})
     kept, rows, evaluations = runs[2**30]
     assert len(rows) == n_chunks and len(evaluations) >= n_chunks * kept.optimizer_result.nfev
+    # in this process the rows stay with the predictor for the variances at x; fitted on the
+    # cluster (its predictions run there too) the client keeps none
+    assert local.predict.kept is not None and len(local.predict.kept) == len(x) and kept.predict.kept is None
     assert not runs[0][1] and runs[0][2]  # budget 0: no rows kept, the objective still ran on the workers
     z = local.pre_transformation
     np.testing.assert_allclose(kept.pre_transformation, z, rtol=0, atol=1e-8 * np.abs(z).max())
     np.testing.assert_allclose(kept.predict(x), local.predict(x), **TOL)
+
+
+def test_function_fit_keeps_no_projections_with_a_client(cluster):
+    """A landmark function fit keeps its cells' projections only without a distributed client
+    (with one, predictions run on the workers from pickled models: nothing to read them);
+    both predictors give the same variances."""
+    distributed = pytest.importorskip("distributed")
+    rng = np.random.default_rng(4)
+    x, y, u = rng.standard_normal((700, 4)), rng.standard_normal((700, 3)), rng.standard_normal((150, 4))
+    alone = kd.FunctionEstimator(landmarks=u, gp_type="fixed", ls=2.0).fit(x, y).predict
+    with distributed.Client(cluster):
+        beside = kd.FunctionEstimator(landmarks=u, gp_type="fixed", ls=2.0).fit(x, y).predict
+    assert alone.kept is not None and len(alone.kept) == len(x) and beside.kept is None
+    np.testing.assert_allclose(beside.covariance(x[:60]), alone.covariance(x[:60]), rtol=1e-12, atol=1e-15)

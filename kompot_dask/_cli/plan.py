@@ -119,6 +119,8 @@ def de_stage(dry: dict, samples: int, atlas: dict, budget: dict) -> dict:
     """DE: ``de(..., dry_run=True)``'s sizes, and the prediction blocks that fit one task."""
     n, g, m = dry["n_cells_predicted"], dry["n_genes"], dry["n_landmarks"]
     sizes = dict(dry["bytes"])
+    if budget["where"] != "in-process":  # fits made beside a cluster keep no projections
+        sizes["kept_projections"] = 0
     shared = 8 * 2 * (m * m + m * g)  # both conditions' factors and gene weights, sent to every task
     stage: dict[str, Any] = {"cells": n, "genes": g, "landmarks": m, "samples_per_condition": samples,
                              "bytes": sizes}

@@ -294,6 +294,7 @@ def _fit_group(estimator_type: str, x: np.ndarray, y: Any, kwargs: dict):
         est = FunctionEstimator(**kwargs).fit(x, y)
     else:
         est = DensityEstimator(**{"d_method": "fractal", "predictor_with_uncertainty": True, **kwargs}).fit(x)
+    est.predict.kept = None  # the sample variance asks for means only: no variances to read them
     return est.predict, _scalars(est)
 
 

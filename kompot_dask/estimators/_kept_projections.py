@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..execution.cluster import active_client
 from ..options import get_options
 
 __all__ = ["KeptProjections", "projections", "reserve", "kept_bytes", "planned_bytes"]
@@ -36,7 +37,11 @@ _LIVE = [0]  # bytes reserved by live KeptProjections of this process
 
 def reserve(nbytes: int) -> "KeptProjections | None":
     """An empty :class:`KeptProjections` for ``nbytes`` of vectors, or None when those and
-    the vectors already kept in this process would take more than ``factor_rows_bytes``."""
+    the vectors already kept in this process would take more than ``factor_rows_bytes``, or
+    when a ``distributed.Client`` is active (predictions then run on its workers, which get
+    pickled models: this process would hold the vectors for nothing)."""
+    if active_client() is not None:
+        return None
     limit = get_options()["factor_rows_bytes"]
     with _LOCK:
         if _LIVE[0] + nbytes > limit:
@@ -49,7 +54,10 @@ def reserve(nbytes: int) -> "KeptProjections | None":
 
 def planned_bytes(fits: Sequence[tuple[int, int]]) -> int:
     """Bytes that landmark fits of ``(cells, landmarks)``, made in this order in this process,
-    would keep under the ``factor_rows_bytes`` option (counting none kept before them)."""
+    would keep under the ``factor_rows_bytes`` option (counting none kept before them; none
+    with an active ``distributed.Client``, as :func:`reserve`)."""
+    if active_client() is not None:
+        return 0
     limit, total = get_options()["factor_rows_bytes"], 0
     for cells, landmarks in fits:
         need = 8 * int(cells) * int(landmarks)
