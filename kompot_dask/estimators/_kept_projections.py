@@ -112,11 +112,11 @@ class KeptProjections:
 
 
 def projections(x: np.ndarray, m: int, kept: Sequence[KeptProjections],
-                solve: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, int]:
-    """``(Lp⁻¹ K_Ux, cells taken from kept vectors)``: an ``(M × n)`` Fortran-ordered array
-    (the layout of a triangular solve's result), from the vectors in ``kept`` where they
-    hold the cell and from ``solve(rows)`` (the caller's solve for the cells ``x[rows]``,
-    ``M × len(rows)``) for the others.
+                solve: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``Lp⁻¹ K_Ux`` as an ``(M × n)`` Fortran-ordered array (the layout of a triangular
+    solve's result): from the vectors in ``kept`` where they hold the cell, and from
+    ``solve(rows)`` (the caller's solve for the cells ``x[rows]``, ``M × len(rows)``) for
+    the others.
     """
     keys = [row.tobytes() for row in np.ascontiguousarray(x, dtype=np.float64)]
     out = np.empty((len(keys), m))
@@ -126,4 +126,4 @@ def projections(x: np.ndarray, m: int, kept: Sequence[KeptProjections],
     rest = np.flatnonzero(missing)
     if rest.size:
         out[rest] = solve(rest).T
-    return out.T, len(keys) - rest.size
+    return out.T

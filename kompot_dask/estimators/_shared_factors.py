@@ -106,7 +106,7 @@ def cell_projection(x: np.ndarray, inducing: np.ndarray, lp: np.ndarray, ls: flo
         return last[2]
     kept = _kept_for(lp)
     if kept:
-        a, _ = projections(x, len(inducing), kept, lambda rows: _solve_cells(x[rows], inducing, lp, ls))
+        a = projections(x, len(inducing), kept, lambda rows: _solve_cells(x[rows], inducing, lp, ls))
     else:
         a = _solve_cells(x, inducing, lp, ls)
     base = np.asarray(cov.matern52_diag(x, ls)) - post.column_sq_norms(a)

@@ -419,8 +419,8 @@ def _chunk_variances(xc: np.ndarray, k_xz: np.ndarray, st: DensityState, s2: np.
     Training cells whose rows of ``L = Bᵀ`` the fit kept (``kept``) are not solved for.
     """
     if kept is not None and len(kept):
-        b2, _ = projections(xc, len(st.inducing), [kept], lambda rows: post.solve_lower(st.lp, k_xz[rows].T,
-                                                                                          overwrite=True))
+        b2 = projections(xc, len(st.inducing), [kept],
+                         lambda rows: post.solve_lower(st.lp, k_xz[rows].T, overwrite=True))
     else:
         b2 = post.solve_lower(st.lp, k_xz.T, overwrite=True)
     np.multiply(b2, b2, out=b2)
