@@ -181,3 +181,33 @@ def test_per_sample_models_keep_nothing(estimator_type):
     else:
         alone = DensityEstimator(d_method="fractal", predictor_with_uncertainty=True, **settings).fit(x[:400])
     assert alone.predict.kept is not None and len(alone.predict.kept) == 400
+
+
+def test_anndata_runs_release_what_their_fits_kept(solved):
+    """``de()`` and ``da()`` read the projections their fits kept (fewer columns solved than
+    with ``factor_rows_bytes=0``) and release them before returning: the model handed back by
+    ``return_full_results`` holds none, and the process's kept bytes are back where they were."""
+    anndata = pytest.importorskip("anndata")
+    from conftest import DATA
+
+    adata = anndata.read_h5ad(DATA / "anndata_input.h5ad")
+    conditions = [str(c) for c in adata.obs["condition"].unique()[:2]]
+    gp = kd.GPSettings(n_landmarks=100, random_state=0)
+    output = kd.OutputSettings(progress=False, return_full_results=True)
+    gc.collect()
+    before = kp.kept_bytes()
+    counts = {}
+    for limit in (2**30, 0):
+        solved.clear()
+        with kd.set_options(factor_rows_bytes=limit):
+            de_out = kd.de(adata.copy(), "condition", *conditions, gp=gp, fdr=kd.FDRSettings(null_genes=20),
+                           output=output)
+            da_out = kd.da(adata.copy(), "condition", *conditions, gp=gp, output=output)
+        counts[limit] = sum(solved.values())
+        de_model, da_model = de_out["model"], da_out["model"]
+        assert de_model.function_predictor1.kept is None and de_model.function_predictor2.kept is None
+        assert da_model.density_estimator1.predict.kept is None and da_model.density_estimator2.predict.kept is None
+        del de_out, da_out, de_model, da_model
+        gc.collect()
+        assert kp.kept_bytes() == before
+    assert counts[2**30] < counts[0]

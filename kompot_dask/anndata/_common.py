@@ -68,6 +68,16 @@ def store_landmarks(adata: Any, keys: Sequence[str], landmarks: np.ndarray, info
         adata.uns[keys[0]]["landmarks"] = np.asarray(landmarks)
 
 
+def release_kept(predictors: Sequence[Any]) -> None:
+    """Let the predictors of a run's own fits drop the training cells' projections they kept
+    for the run's variances (:mod:`kompot_dask.estimators._kept_projections`): the run is
+    done with them, and a model handed back with ``return_full_results`` should not hold up
+    to ``factor_rows_bytes`` for the rest of the session (its later variances solve)."""
+    for predictor in predictors:
+        if getattr(predictor, "kept", None) is not None:
+            predictor.kept = None
+
+
 @contextlib.contextmanager
 def run_context(progress: bool, performance_report: str | None = None) -> Iterator[dict]:
     """Progress bars (``progress``), and on an active cluster: the dashboard link on stderr,

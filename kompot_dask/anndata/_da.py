@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..differential import DifferentialAbundance
-from ._common import landmarks_for, landmarks_info, run_context, store_landmarks
+from ._common import landmarks_for, landmarks_info, release_kept, run_context, store_landmarks
 from ._fields import DIRECTION_CATEGORIES, DIRECTION_COLORS, da_field_mapping, da_fields, spatial_fields
 from ._history import check_overwrite, environment, now, record_run
 from ._target import open_target
@@ -131,6 +131,7 @@ def da(
 
         result = model.predict(inputs.x_all)
         spatial = None if alpha is None else model.spatial_fdr_call(inputs.x_all, alpha, cell_result=result)
+    release_kept([getattr(est, "predict", None) for est in (model.density_estimator1, model.density_estimator2)])
     import pandas as pd
 
     obs = adata.obs

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..differential import DifferentialExpression
 from ..estimators._kept_projections import planned_bytes
-from ._common import landmarks_for, landmarks_info, run_context, store_landmarks
+from ._common import landmarks_for, landmarks_info, release_kept, run_context, store_landmarks
 from ._fields import de_field_mapping, de_fields, replicate_fields
 from ._groups import group_results, groups_summary, parse_groups
 from ._history import check_overwrite, environment, now, record_run
@@ -176,6 +176,7 @@ def de(
             x_kept = inputs.x_all[keep]
             posterior = model.function_predictor1.covariance(x_kept, diag=False) \
                 + model.function_predictor2.covariance(x_kept, diag=False)
+    release_kept([model.function_predictor1, model.function_predictor2])
     written = _store(target, f, result, keep, gene_cols, out, sto, fdr_on, sv)
     if replicate is not None:
         written["var"] += _store_replicate(adata, rf, replicate, gene_cols)
