@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--same-landmarks", action="store_true",
                     help="DE: store Kompot's k-means landmarks and pass them to kompot_dask")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
-    ap.add_argument("--workdir", help="keep the atlas and the outputs here (default: a temporary folder)")
+    ap.add_argument("--workdir", help="keep the atlas and the outputs here (default: a temporary folder, "
+                                          "removed at the end)")
     ap.add_argument("--json", help="write the results here too")
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -253,42 +255,46 @@ def main(argv: list[str] | None = None) -> dict | None:
         ap.error("--kompot-python is required (a Python with kompot==0.8.0; see benchmarks/README.md)")
     steps = [s for s in args.steps.split(",") if s]
     workdir = args.workdir or tempfile.mkdtemp(prefix="vs_kompot_")
-    os.makedirs(workdir, exist_ok=True)
-    h5ad = os.path.join(workdir, "atlas.h5ad")
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()}; workdir {workdir}")
-    write_atlas(h5ad, args.cells, args.genes, args.samples, args.dims, args.seed)
-    print(f"atlas: {args.cells} cells x {args.genes} genes, D={args.dims}, {args.samples}+{args.samples} samples, "
-          f"sample column {'on' if args.sample_col else 'off'}")
-    pythons = {"kompot": args.kompot_python, "kompot_dask": sys.executable}
-    report = {"cells": args.cells, "genes": args.genes, "sample_col": args.sample_col, "steps": {},
-              "load_average_start": os.getloadavg()}
-    for step in steps:
-        runs = {e: [] for e in ENGINES}
-        outputs: dict[str, dict] = {}
-        for rep in range(args.repeats):
-            order = ENGINES if rep % 2 == 0 else ENGINES[::-1]
-            same = args.same_landmarks and step == "de"
-            if same:
-                order = ENGINES  # ours needs Kompot's landmarks of the same repeat
-            for engine in order:
-                out = os.path.join(workdir, f"{step}_{engine}_{rep}.npz")
-                extra = []
-                if same and engine == "kompot":
-                    extra = ["--store-landmarks"]
-                elif same and "uns|landmarks" in outputs.get("kompot", {}):
-                    lm = os.path.join(workdir, f"{step}_landmarks.npy")
-                    np.save(lm, outputs["kompot"]["uns|landmarks"])
-                    extra = ["--landmarks", lm]
-                result = run_one(pythons[engine], engine, step, h5ad, out, args, extra)
-                runs[engine].append(result)
-                if "failed" not in result:
-                    with np.load(out, allow_pickle=False) as z:
-                        outputs[engine] = {k: z[k] for k in z.files}
-                print(f"  {step} {engine} run {rep}: "
-                      + (f"{result['seconds']:.1f} s" if "seconds" in result else result["failed"]), flush=True)
-        rows = compare(outputs["kompot_dask"], outputs["kompot"]) if len(outputs) == 2 else []
-        print_step(step, runs, rows)
-        report["steps"][step] = {"runs": runs, "agreement": rows}
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        h5ad = os.path.join(workdir, "atlas.h5ad")
+        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()}; workdir {workdir}")
+        write_atlas(h5ad, args.cells, args.genes, args.samples, args.dims, args.seed)
+        print(f"atlas: {args.cells} cells x {args.genes} genes, D={args.dims}, {args.samples}+{args.samples} samples, "
+              f"sample column {'on' if args.sample_col else 'off'}")
+        pythons = {"kompot": args.kompot_python, "kompot_dask": sys.executable}
+        report = {"cells": args.cells, "genes": args.genes, "sample_col": args.sample_col, "steps": {},
+                  "load_average_start": os.getloadavg()}
+        for step in steps:
+            runs = {e: [] for e in ENGINES}
+            outputs: dict[str, dict] = {}
+            for rep in range(args.repeats):
+                order = ENGINES if rep % 2 == 0 else ENGINES[::-1]
+                same = args.same_landmarks and step == "de"
+                if same:
+                    order = ENGINES  # ours needs Kompot's landmarks of the same repeat
+                for engine in order:
+                    out = os.path.join(workdir, f"{step}_{engine}_{rep}.npz")
+                    extra = []
+                    if same and engine == "kompot":
+                        extra = ["--store-landmarks"]
+                    elif same and "uns|landmarks" in outputs.get("kompot", {}):
+                        lm = os.path.join(workdir, f"{step}_landmarks.npy")
+                        np.save(lm, outputs["kompot"]["uns|landmarks"])
+                        extra = ["--landmarks", lm]
+                    result = run_one(pythons[engine], engine, step, h5ad, out, args, extra)
+                    runs[engine].append(result)
+                    if "failed" not in result:
+                        with np.load(out, allow_pickle=False) as z:
+                            outputs[engine] = {k: z[k] for k in z.files}
+                    print(f"  {step} {engine} run {rep}: "
+                          + (f"{result['seconds']:.1f} s" if "seconds" in result else result["failed"]), flush=True)
+            rows = compare(outputs["kompot_dask"], outputs["kompot"]) if len(outputs) == 2 else []
+            print_step(step, runs, rows)
+            report["steps"][step] = {"runs": runs, "agreement": rows}
+    finally:
+        if args.workdir is None:  # a temporary folder: the atlas and both engines' outputs (GBs at 50k)
+            shutil.rmtree(workdir, ignore_errors=True)
     report["load_average_end"] = os.getloadavg()
     line = json.dumps(report)
     if args.json:
