@@ -31,7 +31,7 @@ from ..options import get_options
 
 __all__ = ["KeptProjections", "projections", "reserve", "kept_bytes", "planned_bytes"]
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: _release may run (garbage collection) while it is held
 _LIVE = [0]  # bytes reserved by live KeptProjections of this process
 
 

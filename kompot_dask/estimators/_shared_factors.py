@@ -39,7 +39,7 @@ from ._kept_projections import KeptProjections, projections
 __all__ = ["prior_factor", "cell_projection", "keep_projections", "inducing_terms", "inducing_kernel",
            "scaled_inverse", "digest"]
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: a finalizer below may run (garbage collection) while it is held
 _PRIORS: dict[tuple, weakref.ref] = {}
 _LOCAL = threading.local()
 _INDUCING: dict[str, Any] = {}
