@@ -23,9 +23,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .._jax import with_x64
-from ..kernels import covariance as cov
 from ..kernels import density as dk
 from ..kernels import posterior as post
+from ._kept_projections import project
 
 __all__ = ["DensityChunk", "Prior", "gram_rhs", "loglik_grad", "hessian_diag", "with_factor_rows"]
 
@@ -52,8 +52,7 @@ def _factor_rows(chunk: DensityChunk, prior: Prior) -> np.ndarray:
     """``L_c`` (c × m): the chunk's rows of ``Lp`` (full mode) or ``K_cU Lp⁻ᵀ`` (landmarks)."""
     if chunk.phi is not None:
         return np.asarray(chunk.phi)
-    k_uc = np.asfortranarray(cov.matern52(prior.inducing, chunk.x, prior.ls))
-    return post.solve_lower(prior.lp, k_uc, overwrite=True).T
+    return project(chunk.x, prior.inducing, prior.lp, prior.ls).T
 
 
 @with_x64

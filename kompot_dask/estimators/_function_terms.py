@@ -14,11 +14,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._jax import with_x64
-from ..kernels import covariance as cov
 from ..kernels import function as fk
 from ..kernels import posterior as post
 from ._inputs import read_rows
-from ._kept_projections import KeptProjections
+from ._kept_projections import KeptProjections, project
 
 __all__ = ["FunctionChunk", "FunctionPrior", "RowBlock", "reads_lazily", "projected_stats", "residual_cross"]
 
@@ -59,8 +58,8 @@ class FunctionPrior(NamedTuple):
 
 
 def _projection(x: np.ndarray, prior: FunctionPrior) -> np.ndarray:
-    """``A_c = Lp⁻¹ K_Uc`` (M × c), the triangular solve in LAPACK."""
-    return post.solve_lower(prior.lp, np.asfortranarray(cov.matern52(prior.inducing, x, prior.ls)), overwrite=True)
+    """``A_c = Lp⁻¹ K_Uc`` (M × c)."""
+    return project(x, prior.inducing, prior.lp, prior.ls)
 
 
 @with_x64

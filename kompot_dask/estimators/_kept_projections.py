@@ -27,9 +27,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..execution.cluster import active_client
+from ..kernels import covariance as cov
+from ..kernels import posterior as post
 from ..options import get_options
 
-__all__ = ["KeptProjections", "projections", "reserve", "kept_bytes", "planned_bytes"]
+__all__ = ["KeptProjections", "project", "projections", "reserve", "kept_bytes", "planned_bytes"]
 
 _LOCK = threading.RLock()  # re-entrant: _release may run (garbage collection) while it is held
 _LIVE = [0]  # bytes reserved by live KeptProjections of this process
@@ -109,6 +111,12 @@ class KeptProjections:
             if hit.any():
                 out[todo[hit]] = rows[found[hit]]
                 missing[todo[hit]] = False
+
+
+def project(x: np.ndarray, inducing: np.ndarray, lp: np.ndarray, ls: float) -> np.ndarray:
+    """``Lp⁻¹ K_Ux`` (M × n, Fortran-ordered) of the cells ``x``: the Matérn-5/2 kernel
+    block against the landmarks ``inducing`` and one LAPACK triangular solve in its memory."""
+    return post.solve_lower(lp, np.asfortranarray(cov.matern52(inducing, x, ls)), overwrite=True)
 
 
 def projections(x: np.ndarray, m: int, kept: Sequence[KeptProjections],

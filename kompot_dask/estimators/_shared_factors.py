@@ -34,7 +34,7 @@ import numpy as np
 
 from ..kernels import covariance as cov
 from ..kernels import posterior as post
-from ._kept_projections import KeptProjections, projections
+from ._kept_projections import KeptProjections, project, projections
 
 __all__ = ["prior_factor", "cell_projection", "keep_projections", "inducing_terms", "inducing_kernel",
            "scaled_inverse", "digest"]
@@ -106,18 +106,14 @@ def cell_projection(x: np.ndarray, inducing: np.ndarray, lp: np.ndarray, ls: flo
         return last[2]
     kept = _kept_for(lp)
     if kept:
-        a = projections(x, len(inducing), kept, lambda rows: _solve_cells(x[rows], inducing, lp, ls))
+        a = projections(x, len(inducing), kept, lambda rows: project(x[rows], inducing, lp, ls))
     else:
-        a = _solve_cells(x, inducing, lp, ls)
+        a = project(x, inducing, lp, ls)
     base = np.asarray(cov.matern52_diag(x, ls)) - post.column_sq_norms(a)
     a.setflags(write=False)
     base.setflags(write=False)
     _LOCAL.last = (key, weakref.ref(lp), (a, base))
     return a, base
-
-
-def _solve_cells(x: np.ndarray, inducing: np.ndarray, lp: np.ndarray, ls: float) -> np.ndarray:
-    return post.solve_lower(lp, np.asfortranarray(cov.matern52(inducing, x, ls)), overwrite=True)
 
 
 def keep_projections(lp: np.ndarray, kept: KeptProjections) -> None:
