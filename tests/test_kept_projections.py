@@ -211,3 +211,39 @@ def test_anndata_runs_release_what_their_fits_kept(solved):
         gc.collect()
         assert kp.kept_bytes() == before
     assert counts[2**30] < counts[0]
+
+
+def test_dry_run_counts_the_projections_the_fits_keep():
+    """``de(..., dry_run=True)`` counts the projections of the conditions the engine fits in the
+    landmark form (100 landmarks: both, 8 x 100 x cells bytes), none when all cells are the
+    landmarks (the cells' basis), none with ``factor_rows_bytes=0``; the fits of the same
+    call keep exactly the counted bytes."""
+    anndata = pytest.importorskip("anndata")
+    from conftest import DATA
+
+    adata = anndata.read_h5ad(DATA / "anndata_input.h5ad")
+    conditions = [str(c) for c in adata.obs["condition"].unique()[:2]]
+    n_cells = int(adata.obs["condition"].isin(conditions).sum())
+    plan = kd.de(adata, "condition", *conditions, gp=kd.GPSettings(n_landmarks=100), dry_run=True)
+    assert plan["bytes"]["kept_projections"] == 8 * 100 * n_cells
+    everything = kd.de(adata, "condition", *conditions, gp=kd.GPSettings(n_landmarks=5000), dry_run=True)
+    assert everything["bytes"]["kept_projections"] == 0
+    with kd.set_options(factor_rows_bytes=0):
+        none = kd.de(adata, "condition", *conditions, gp=kd.GPSettings(n_landmarks=100), dry_run=True)
+    assert none["bytes"]["kept_projections"] == 0
+    labels = adata.obs["condition"].astype(str).to_numpy()
+    x, y = np.asarray(adata.obsm["DM_EigenVectors"], dtype=np.float64), adata.X.toarray().astype(np.float64)
+    first, second = labels == conditions[0], labels == conditions[1]
+    model = kd.DifferentialExpression(n_landmarks=100, random_state=0).fit(x[first], y[first], x[second], y[second])
+    kept = [model.function_predictor1.kept, model.function_predictor2.kept]
+    assert sum(k.nbytes for k in kept) == plan["bytes"]["kept_projections"]
+    # at 700 landmarks the engine's choice of form depends on the genes fitted: with 60
+    # genes and no null genes both conditions (700 and 800 cells) take the landmark form
+    # and keep; with Kompot's 2,000 null genes the 700-cell one is fitted in its cells' basis
+    for null_genes, given in ((0, None), (2000, 2000)):
+        planned = kd.de(adata, "condition", *conditions, gp=kd.GPSettings(n_landmarks=700),
+                        fdr=kd.FDRSettings(null_genes=null_genes), dry_run=True)["bytes"]["kept_projections"]
+        model = kd.DifferentialExpression(n_landmarks=700, random_state=0, null_genes=given).fit(
+            x[first], y[first], x[second], y[second])
+        kept = [p.kept for p in (model.function_predictor1, model.function_predictor2) if p.kept is not None]
+        assert planned == sum(k.nbytes for k in kept) and len(kept) == (2 if null_genes == 0 else 1)

@@ -138,7 +138,8 @@ def de(
     target.check_cells(inputs.obs_names)
     gene_cols = _gene_columns(adata, inputs.gene_names)
     if dry_run:
-        return _plan(inputs, keep, gps)
+        return _plan(inputs, keep, gps, int(np.size(null_genes) if np.ndim(null_genes) else null_genes)
+                     if internal_on else 0)
 
     var_keys, layer_keys, obs_keys = _planned_fields(f, out, sto, fdr_on, sv)
     var_keys = var_keys + list(rf.values())
@@ -480,12 +481,16 @@ def _full_results(model, result, f, fdr_summary, inputs, fdr_on, external=None, 
     return full
 
 
-def _plan(inputs, keep, gps) -> dict:
+def _plan(inputs, keep, gps, n_null: int) -> dict:
     """What a run would hold (``dry_run``): sizes of the largest arrays, nothing computed."""
+    from ..kernels.cell_basis import fit_flops
+
     n, g = int(keep.sum()), 0 if inputs.gene_names is None else len(inputs.gene_names)
     m = min(gps.n_landmarks or 5000, len(inputs.x1) + len(inputs.x2))
-    # a condition with more cells than landmarks fits in the landmark form and keeps its A
-    landmark_form = [(len(x), m) for x in (inputs.x1, inputs.x2) if len(x) > m]
+    # a condition fitted in the landmark form (the engine's choice: fewer operations than the
+    # cells' basis, for its genes and null genes) keeps its A
+    forms = [(len(x), fit_flops(m, len(x), g + n_null)) for x in (inputs.x1, inputs.x2)]
+    landmark_form = [(c, m) for c, (landmark, cell) in forms if landmark <= cell]
     return {"n_cells_predicted": n, "n_genes": g, "n_landmarks": m,
             "bytes": {"layers": 4 * n * g * 8, "landmark_factors": 2 * m * m * 8,
                       "kept_projections": planned_bytes(landmark_form)}}
